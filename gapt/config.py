@@ -1,0 +1,216 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides, validated before any work.
+
+The dataclasses below are the single source of truth for config keys; OmegaConf merges a
+YAML file and command-line overrides into them and rejects unknown keys and wrong types.
+"""
+from __future__ import annotations
+
+import difflib
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key or value."""
+
+
+@dataclass
+class DataConfig:
+    format: str = "folder"          # fgvc | vtab | folder | csv | shapes | digits
+    root: str = ""                  # dataset folder (fgvc/vtab: the dataset's own folder or its parent)
+    name: str = ""                  # FGVC dataset or VTAB task name (sets classes and image root)
+    train_split: str = ""           # "" = the format's default (e.g. train / train800)
+    val_split: str = ""
+    test_split: str = ""
+    final: bool = False             # final run: train on the format's final split (fgvc: train, vtab: train800val200)
+    val_fraction: float = 0.1       # folder/csv without a val split: stratified, seeded carve-out
+    csv_train: str = ""             # csv: path,label files (relative to root)
+    csv_val: str = ""
+    csv_test: str = ""
+    cache: str = "memory"           # un-augmented splits: memory | disk | none
+    cache_dir: str = ""             # disk cache location ("" = <root>/.gapt_cache)
+    vtab_resize: str = "tf_bilinear"  # tf_bilinear (reference, no antialias) | antialias
+    skip_bad_images: bool = False
+    num_workers: int = 2
+    num_samples: int = 0            # generated datasets (shapes): images per split; 0 = default
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 0        # 0 = 2 x batch_size
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"          # sgd | adamw
+    momentum: float = 0.9
+    schedule: str = "cosine"        # cosine (per iteration) | cosine_epoch (the reference's per-epoch steps)
+    seed: int = 42
+    precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    grad_checkpointing: bool = False
+    max_steps_per_epoch: int = 0    # 0 = whole epoch; >0 caps an epoch (smoke runs)
+    eval_test_every_epoch: bool = False  # the reference protocol (costly); off by default
+
+
+@dataclass
+class RunConfig:
+    backbone: str = "mae_vitb16"
+    weights: Optional[str] = None   # checkpoint path, "timm" (hub), or null (random backbone)
+    method: str = "gated"
+    num_prompts: int = 100
+    gate_init: float = 10.0
+    learn_temperature: bool = False
+    insert_at_block: int = 1
+    prompt_init: str = "random"     # random | prototype
+    prompt_dropout: float = 0.1
+    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt)
+    image_size: int = 224
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/default"
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+
+
+# Allowed values for string keys that take one of a fixed set; checked in validate().
+CHOICES = {
+    "method": ["linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated"],
+    "prompt_init": ["random", "prototype"],
+    "pooling": ["", "mean", "cls", "img", "prompt"],
+    "data.format": ["fgvc", "vtab", "folder", "csv", "shapes", "digits"],
+    "data.cache": ["memory", "disk", "none"],
+    "data.vtab_resize": ["tf_bilinear", "antialias"],
+    "train.optimizer": ["sgd", "adamw"],
+    "train.schedule": ["cosine", "cosine_epoch"],
+    "train.precision": ["auto", "fp32", "bf16"],
+}
+
+
+def all_keys(cls=RunConfig, prefix: str = "") -> List[str]:
+    keys = []
+    for f in fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if is_dataclass(default):
+            keys += all_keys(type(default), prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _suggest(key: str, keys: List[str]) -> str:
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # a bare leaf name such as "lr" should point at "train.lr"
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_overrides(overrides: List[str]) -> dict:
+    """``["train.lr=0.5", "method=gated"]`` -> nested dict, values parsed as YAML scalars."""
+    keys = all_keys()
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            raise ConfigError(f"unknown config key '{key}'{_suggest(key, keys)}")
+        parsed = yaml.safe_load(value) if value.strip() != "" else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = parsed
+    return out
+
+
+def _check_unknown(d: Any, cls=RunConfig, prefix: str = "", source: str = "") -> None:
+    if not isinstance(d, dict):
+        return
+    known = {f.name: f for f in fields(cls)}
+    keys = all_keys()
+    for k, v in d.items():
+        full = prefix + str(k)
+        if k not in known:
+            raise ConfigError(f"unknown config key '{full}'{' in ' + source if source else ''}{_suggest(full, keys)}")
+        default = known[k].default_factory() if known[k].default_factory is not dataclasses.MISSING else None
+        if is_dataclass(default):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{full}' must be a mapping, got {v!r}")
+            _check_unknown(v, type(default), full + ".", source)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                base: Optional[dict] = None) -> RunConfig:
+    """Merge defaults <- ``base`` <- YAML file <- overrides; validate; return a RunConfig."""
+    layers = [OmegaConf.structured(RunConfig)]
+    if base:
+        _check_unknown(base)
+        layers.append(OmegaConf.create(base))
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(p)) or {}
+        except Exception as e:  # YAML syntax error
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
+        _check_unknown(loaded, source=str(path))
+        layers.append(OmegaConf.create(loaded))
+    if overrides:
+        layers.append(OmegaConf.create(parse_overrides(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+    except (ValidationError, ConfigKeyError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(getattr(e, 'msg', e)).splitlines()[0]
+        raise ConfigError(f"bad value for config key '{key}': {msg}") from None
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def get_key(cfg: RunConfig, key: str) -> Any:
+    node: Any = cfg
+    for p in key.split("."):
+        node = getattr(node, p)
+    return node
+
+
+def validate(cfg: RunConfig) -> None:
+    for key, allowed in CHOICES.items():
+        v = get_key(cfg, key)
+        if v not in allowed:
+            raise ConfigError(f"bad value for config key '{key}': {v!r}; choose one of {allowed}")
+    positive = ["num_prompts", "image_size", "train.epochs", "train.batch_size"]
+    for key in positive:
+        if get_key(cfg, key) <= 0 and not (key == "num_prompts" and cfg.method in ("linear", "full")):
+            raise ConfigError(f"bad value for config key '{key}': {get_key(cfg, key)} (must be > 0)")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"bad value for config key 'train.lr': {cfg.train.lr} (must be > 0)")
+    if cfg.train.weight_decay < 0:
+        raise ConfigError(f"bad value for config key 'train.weight_decay': {cfg.train.weight_decay} (must be >= 0)")
+    if not 0 <= cfg.train.warmup_epochs <= cfg.train.epochs:
+        raise ConfigError(f"bad value for config key 'train.warmup_epochs': {cfg.train.warmup_epochs} "
+                          f"(must be in [0, train.epochs={cfg.train.epochs}])")
+    if not 0 <= cfg.prompt_dropout < 1:
+        raise ConfigError(f"bad value for config key 'prompt_dropout': {cfg.prompt_dropout} (must be in [0, 1))")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"bad value for config key 'data.val_fraction': {cfg.data.val_fraction} (must be in (0, 1))")
+    if cfg.insert_at_block < 1:
+        raise ConfigError(f"bad value for config key 'insert_at_block': {cfg.insert_at_block} (blocks count from 1)")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
