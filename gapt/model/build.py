@@ -1,0 +1,72 @@
+"""``build_model``: backbone name + checkpoint + method -> PromptedViT; ``load_model`` from a tuned file."""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import List, Optional, Union
+
+import torch.nn as nn
+
+from .backbones import BackboneSpec, create_vit, default_pooling, resolve_spec
+from .checkpoints import convert_checkpoint, load_into_vit, read_tensor_file
+from .prompted import PromptedViT
+
+log = logging.getLogger("gapt")
+
+
+def build_backbone(backbone: Union[str, BackboneSpec], weights: Optional[str] = None,
+                   image_size: Optional[int] = None):
+    """(timm ViT with weights loaded, its spec)."""
+    spec = backbone if isinstance(backbone, BackboneSpec) else resolve_spec(backbone)
+    if weights == "timm":
+        if not spec.timm_name:
+            raise ValueError(f"backbone '{spec.name}' has no timm hub weights; pass a checkpoint path")
+        return create_vit(spec, image_size, pretrained_timm=True), spec
+    vit = create_vit(spec, image_size)
+    if weights is None:
+        warnings.warn(f"backbone '{spec.name}' built with random weights (weights=None)", stacklevel=3)
+        return vit, spec
+    raw = read_tensor_file(weights)
+    if weights.endswith(".safetensors") or spec.checkpoint_format == "timm":
+        fmt = "timm" if spec.checkpoint_format in ("timm", "dino") else spec.checkpoint_format
+    else:
+        fmt = spec.checkpoint_format
+    sd, what = convert_checkpoint(raw, fmt, weights)
+    load_into_vit(vit, sd, weights, keep_model_pos_embed=spec.sincos_pos_embed)
+    log.info("loaded %s from %s", what, weights)
+    return vit, spec
+
+
+def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str = "gated", num_prompts: int = 100,
+                num_classes: int = 1000, gate_init: float = 5.0, learn_temperature: bool = False,
+                insert_at_block: int = 1, weights: Optional[str] = None, image_size: Optional[int] = None,
+                prompt_dropout: float = 0.1, pooling: Optional[str] = None,
+                class_names: Optional[List[str]] = None) -> PromptedViT:
+    """A frozen ViT (timm) with one transfer method and a linear head.
+
+    backbone: a registered name (``gapt.model.BACKBONES``) or any timm ViT name;
+    weights: a checkpoint path (MAE, MoCo v3, DINO, timm/safetensors), ``"timm"`` for hub
+    weights, or None for a random backbone (warned).
+    """
+    vit, spec = build_backbone(backbone, weights, image_size)
+    return PromptedViT(vit, method=method, num_prompts=num_prompts, num_classes=num_classes,
+                       gate_init=gate_init, learn_temperature=learn_temperature,
+                       insert_at_block=insert_at_block, prompt_dropout=prompt_dropout,
+                       pooling=pooling or default_pooling(spec, vit), backbone_name=spec.name,
+                       class_names=class_names, image_size=image_size or vit.patch_embed.img_size[0])
+
+
+def load_model(tuned_path: str, weights: Optional[str] = None) -> PromptedViT:
+    """Rebuild a model from a gapt tuned file's metadata, then load its tuned tensors."""
+    from .tuned import read_tuned_metadata
+    meta = read_tuned_metadata(tuned_path)
+    with warnings.catch_warnings():
+        if weights is None and meta["method"] == "full":
+            warnings.simplefilter("ignore")  # a full fine-tune file holds every backbone weight
+        model = build_model(meta["backbone"], method=meta["method"], num_prompts=meta["num_prompts"] or 1,
+                            num_classes=meta["num_classes"], gate_init=meta["gate_init"],
+                            learn_temperature=meta["learn_temperature"], insert_at_block=meta["insert_at_block"],
+                            weights=weights, image_size=meta["image_size"], prompt_dropout=meta["prompt_dropout"],
+                            pooling=meta["pooling"], class_names=meta["class_names"])
+    model.load_tuned(tuned_path)
+    return model

@@ -1,0 +1,135 @@
+"""Checkpoint adapters: the official files people have -> a timm ViT state dict.
+
+Files are read with ``torch.load(weights_only=True)`` or safetensors, never an arbitrary
+unpickle. Known extra keys (MAE decoder, MoCo momentum encoder / predictor / head) are
+dropped explicitly; anything else missing, unexpected or mis-shaped is an error that names it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("gapt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and keys."""
+
+
+def read_tensor_file(path: str) -> Dict:
+    """Load a .pth/.pth.tar/.safetensors file as a (nested) dict without unpickling code."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(p))
+        except (SafetensorError, Exception) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {e}") from None
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a checkpoint torch can read safely (weights_only=True): "
+                              f"{str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _strip(sd: Dict, prefix: str) -> Dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _tensors_only(sd: Dict, path: str) -> Dict[str, torch.Tensor]:
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors (keys: {list(sd)[:8]})")
+    return sd
+
+
+def convert_checkpoint(raw: Dict, fmt: str, path: str = "<checkpoint>") -> Tuple[Dict[str, torch.Tensor], str]:
+    """Official layout -> (timm-named encoder state dict, description of what was found)."""
+    if fmt == "mae":
+        if "model" in raw and isinstance(raw["model"], dict):
+            sd, what = raw["model"], "MAE checkpoint ({'model': ...})"
+        else:
+            sd, what = raw, "MAE-style plain state dict"
+        sd = {k: v for k, v in sd.items() if not (k.startswith("decoder_") or k == "mask_token")}
+        return _tensors_only(sd, path), what
+    if fmt == "mocov3":
+        sd = raw.get("state_dict", raw)
+        if any(k.startswith("module.base_encoder.") for k in sd):
+            sd, what = _strip(sd, "module.base_encoder."), "MoCo v3 pre-training checkpoint (module.base_encoder.*)"
+        elif any(k.startswith("module.") for k in sd):
+            sd, what = _strip(sd, "module."), "MoCo v3 linear-probe checkpoint (module.*)"
+        else:
+            what = "MoCo v3-style plain state dict"
+        # MoCo's projection head sits in `head.*`; the linear-probe head is `head.*` too.
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "momentum_encoder.", "predictor."))}
+        return _tensors_only(sd, path), what
+    if fmt in ("dino", "timm"):
+        sd = raw
+        for wrapper in ("model", "state_dict", "teacher"):
+            if wrapper in sd and isinstance(sd[wrapper], dict):
+                sd = sd[wrapper]
+                break
+        sd = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in sd.items()}
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.")) or fmt == "timm"}
+        return _tensors_only(sd, path), f"{fmt} state dict"
+    raise CheckpointError(f"unknown checkpoint format '{fmt}'")
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+    """Bicubic interpolation of the patch part of a (1, prefix + h*w, D) position embedding."""
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    old = int(math.isqrt(grid.shape[1]))
+    if old * old != grid.shape[1]:
+        raise CheckpointError(f"position embedding with {grid.shape[1]} patch tokens is not a square grid")
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def load_into_vit(vit: torch.nn.Module, sd: Dict[str, torch.Tensor], path: str = "<checkpoint>",
+                  keep_model_pos_embed: bool = False) -> None:
+    """Strictly load ``sd`` into ``vit``: every mismatch is listed in one error.
+
+    ``keep_model_pos_embed``: the model's own fixed position embedding (MoCo's sin-cos,
+    rebuilt for the model's grid) wins over an interpolated copy of the checkpoint's.
+    """
+    sd = dict(sd)
+    own = vit.state_dict()
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        if keep_model_pos_embed:
+            sd["pos_embed"] = own["pos_embed"]
+        else:
+            n_prefix = getattr(vit, "num_prefix_tokens", 1)
+            grid = tuple(vit.patch_embed.grid_size)
+            log.info("interpolating position embedding %s -> grid %s", tuple(sd["pos_embed"].shape), grid)
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, n_prefix)
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_short(unexpected)}")
+        if shapes:
+            parts.append(f"mis-shaped keys: {_short(shapes)}")
+        raise CheckpointError(f"{path} does not fit the backbone: " + "; ".join(parts))
+    vit.load_state_dict(sd, strict=True)
+
+
+def _short(items, n: int = 12) -> str:
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

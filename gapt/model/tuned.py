@@ -1,0 +1,151 @@
+"""Tuned-state files: only what was trained (prompts, gates, temperatures, head), as safetensors.
+
+Also reads models saved by the reference GaPT/VPT trainer (SPEC §4): ``{"model": state_dict}``
+with ``enc.prompt_embeddings``, ``enc.deep_prompt_embeddings``, ``enc.gate_logit``, ``enc.temp``,
+``head.last_layer.*`` and the frozen encoder under ``enc.<timm names>``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from .checkpoints import CheckpointError, load_into_vit, read_tensor_file
+
+log = logging.getLogger("gapt")
+
+FORMAT = "gapt-tuned"
+# Hyper-parameters that must agree between a file and the model it is loaded into.
+IDENTITY_KEYS = ("backbone", "method", "num_prompts", "learn_temperature", "insert_at_block", "num_classes")
+REFERENCE_KEYS = {
+    "enc.prompt_embeddings": "prompt_embeddings",
+    "enc.deep_prompt_embeddings": "deep_prompt_embeddings",
+    "enc.gate_logit": "gate_logits",
+    "enc.temp": "temperature",
+    "head.last_layer.weight": "head.weight",
+    "head.last_layer.bias": "head.bias",
+}
+# Parameter-free or head-only leftovers in a reference encoder that gapt does not use.
+REFERENCE_IGNORED_ENC = ("head.", "fc_norm.", "pre_logits.")
+
+
+def model_identity(model) -> Dict:
+    return {
+        "backbone": model.backbone_name, "method": model.method, "num_prompts": model.num_prompts,
+        "learn_temperature": model.learn_temperature, "insert_at_block": model.insert_at_block,
+        "num_classes": model.num_classes, "gate_init": model.gate_init, "pooling": model.pooling,
+        "image_size": model.image_size, "depth": model.depth, "embed_dim": model.embed_dim,
+        "prompt_dropout": model.prompt_dropout.p, "class_names": model.class_names,
+    }
+
+
+def save_tuned(model, path: str, extra: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+    from .. import __version__
+    tensors = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in model.tuned_parameters().items()}
+    meta = {"format": FORMAT, "gapt_version": __version__, "config": json.dumps(model_identity(model))}
+    if extra:
+        meta["extra"] = json.dumps(extra)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)  # atomic: an interrupted save never leaves half a file
+
+
+def read_tuned_metadata(path: str) -> Dict:
+    """The hyper-parameters stored in a gapt tuned file (raises if it is not one)."""
+    from safetensors import safe_open
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"tuned file not found: {path}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a safetensors file: {str(e).splitlines()[0]}") from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointError(f"{path} is a safetensors file but not a gapt tuned file "
+                              f"(metadata format={meta.get('format')!r}); a backbone checkpoint goes to weights=")
+    out = json.loads(meta["config"])
+    out["extra"] = json.loads(meta["extra"]) if "extra" in meta else {}
+    return out
+
+
+def _describe(d: Dict) -> str:
+    return ", ".join(f"{k}={d.get(k)!r}" for k in IDENTITY_KEYS if k in d)
+
+
+def _check_identity(model, held: Dict, path: str) -> None:
+    expected = model_identity(model)
+    wrong = [k for k in IDENTITY_KEYS if k in held and held[k] != expected[k]]
+    if wrong:
+        raise CheckpointError(f"{path} holds a tuned model with {_describe(held)}; this model expects "
+                              f"{_describe(expected)} (differs in: {', '.join(wrong)})")
+
+
+def _load_tensors(model, tensors: Dict[str, torch.Tensor], path: str) -> None:
+    own = model.tuned_parameters()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{path} does not fit this model: missing {missing}, unexpected {unexpected}, "
+                              f"mis-shaped {shapes}")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(tensors[k].to(p.dtype))
+
+
+def load_tuned(model, path: str) -> None:
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        held = read_tuned_metadata(path)
+        _check_identity(model, held, path)
+        _load_tensors(model, load_file(str(path)), path)
+        if held.get("class_names"):
+            model.class_names = list(held["class_names"])
+        return
+    raw = read_tensor_file(path)
+    sd = raw.get("model", raw)
+    if not any(k in sd for k in REFERENCE_KEYS) and not any(str(k).startswith("enc.") for k in sd):
+        raise CheckpointError(f"{path} is neither a gapt tuned file (.safetensors) nor a model saved by the "
+                              f"reference GaPT/VPT trainer ({{'model': {{'enc.*', 'head.last_layer.*'}}}})")
+    load_reference_tuned(model, sd, path)
+
+
+def infer_reference_identity(sd: Dict[str, torch.Tensor]) -> Dict:
+    """What a reference-trainer state dict holds: method, prompt count, temperature, classes."""
+    if "enc.deep_prompt_embeddings" in sd:
+        method = "vpt-deep"
+    elif "enc.gate_logit" in sd:
+        method = "gated"
+    elif "enc.prompt_embeddings" in sd:
+        method = "vpt-shallow"
+    else:
+        method = "linear"
+    held = {"method": method, "learn_temperature": "enc.temp" in sd}
+    if "enc.prompt_embeddings" in sd:
+        held["num_prompts"] = int(sd["enc.prompt_embeddings"].shape[1])
+    else:
+        held["num_prompts"] = 0
+    if "head.last_layer.weight" in sd:
+        held["num_classes"] = int(sd["head.last_layer.weight"].shape[0])
+    return held
+
+
+def load_reference_tuned(model, sd: Dict[str, torch.Tensor], path: str) -> None:
+    held = infer_reference_identity(sd)
+    if held["method"] == "vpt-deep" and held["learn_temperature"] and not model.learn_temperature:
+        held["learn_temperature"] = False  # the reference ignores temperatures with vpt-deep
+        sd = {k: v for k, v in sd.items() if k != "enc.temp"}
+    _check_identity(model, held, path)
+    tuned = {new: sd[old] for old, new in REFERENCE_KEYS.items() if old in sd}
+    _load_tensors(model, tuned, path)
+    encoder = {k[4:]: v for k, v in sd.items()
+               if k.startswith("enc.") and k not in REFERENCE_KEYS and not k[4:].startswith(REFERENCE_IGNORED_ENC)}
+    if encoder:  # the reference saved the frozen encoder too: use exactly those weights
+        load_into_vit(model.backbone, encoder, path)
+        log.info("loaded the reference trainer's model from %s (%s, encoder weights included)", path, held["method"])
