@@ -1,0 +1,319 @@
+"""gapt report: grouping, means, paper columns, missing tasks, CSV, errors; gates plot/table."""
+import csv
+import io
+import json
+import math
+
+import pytest
+
+from gapt.protocol.paper import method_key, paper_number
+from gapt.protocol.report import build_report, collect_runs, write_report
+
+VTAB_NATURAL = ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"]
+VTAB_SPECIALIZED = ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"]
+VTAB_STRUCTURED = ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
+                   "smallnorb_azi", "smallnorb_ele"]
+
+# SPEC section 7, typed again here.
+SPEC_FGVC = """
+mae_vitb16 vpt-shallow 42.15 69.15 43.38 77.07 57.43 57.84
+mae_vitb16 vpt-deep 68.33 80.05 67.67 78.83 65.22 72.02
+mae_vitb16 gated+temperature 70.56 78.55 71.70 78.90 67.26 73.39
+mocov3_vitb16 vpt-shallow 79.05 90.47 71.91 81.97 72.92 79.26
+mocov3_vitb16 vpt-deep 82.67 94.41 79.18 83.33 75.99 83.12
+mocov3_vitb16 gated+temperature 82.86 93.71 79.02 83.37 76.02 83.00
+"""
+SPEC_VTAB = """
+mae_vitb16 vpt-shallow 39.96 69.65 27.50 40.96
+mae_vitb16 vpt-deep 36.02 60.61 26.57 37.22
+mae_vitb16 gated+temperature 47.61 76.86 36.80 49.22
+mocov3_vitb16 vpt-shallow 67.34 82.26 37.55 57.94
+mocov3_vitb16 vpt-deep 70.27 83.04 42.38 61.22
+mocov3_vitb16 gated+temperature 74.84 83.38 49.10 65.80
+"""
+SPEC_ADE = """
+mae_vitb16 vpt-shallow 34.20 35.23
+mae_vitb16 vpt-deep 37.76 38.80
+mae_vitb16 gated 38.44 39.81
+mocov3_vitb16 vpt-shallow 34.55 36.18
+mocov3_vitb16 vpt-deep 35.50 37.15
+mocov3_vitb16 gated 36.81 38.55
+"""
+
+
+def _spec_rows(text):
+    for line in text.strip().splitlines():
+        backbone, method, *numbers = line.split()
+        yield backbone, method, [float(x) for x in numbers]
+
+
+def write_run(root, name, *, backbone="mae_vitb16", method="gated", temp=True, benchmark="fgvc",
+              task="cub", seed=42, final=True, metrics=None, prompt_init="random", num_prompts=100):
+    d = root / name
+    d.mkdir(parents=True)
+    res = {"backbone": backbone, "method": method, "learn_temperature": temp, "num_prompts": num_prompts,
+           "prompt_init": prompt_init, "benchmark": benchmark, "task": task, "seed": seed, "final": final,
+           "metrics": metrics, "data": {}, "tuned_params": 1000, "train_time_s": 1.0}
+    (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
+def top1(x):
+    return {"val_top1_best": x + 1, "best_epoch": 3, "test_top1": x, "test_top1_last": x - 1}
+
+
+def test_paper_numbers_match_spec():
+    cols = ["cub", "flowers", "cars", "dogs", "nabirds", "mean"]
+    for backbone, method, numbers in _spec_rows(SPEC_FGVC):
+        for col, x in zip(cols, numbers):
+            assert paper_number("fgvc", backbone, method, col) == x
+    for backbone, method, numbers in _spec_rows(SPEC_VTAB):
+        for col, x in zip(["natural", "specialized", "structured", "mean"], numbers):
+            assert paper_number("vtab", backbone, method, col) == x
+        assert paper_number("vtab", backbone, method, "dtd") is None  # no per-task numbers in SPEC
+    for backbone, method, numbers in _spec_rows(SPEC_ADE):
+        assert paper_number("ade20k", backbone, method, "mIoU") == numbers[0]
+        assert paper_number("ade20k", backbone, method, "mIoU_ms") == numbers[1]
+    # no paper number: other method keys, other benchmarks, the plain gated row on FGVC
+    assert paper_number("fgvc", "mae_vitb16", "gated", "mean") is None
+    assert paper_number("ade20k", "mae_vitb16", "gated+temperature", "mIoU") is None
+    assert paper_number("fgvc", "mae_vitb16", "gated+temperature+prototype", "cub") is None
+    assert paper_number("shapes", "mae_vitb16", "gated", "mean") is None
+    with pytest.raises(ValueError, match="cubb"):
+        paper_number("fgvc", "mae_vitb16", "vpt-deep", "cubb")
+
+
+def test_method_key_rule():
+    assert method_key("gated", True, "random") == "gated+temperature"
+    assert method_key("gated", False, "random") == "gated"
+    assert method_key("vpt-deep", False, "random") == "vpt-deep"
+    assert method_key("vpt-shallow", True, "random") == "vpt-shallow+temperature"
+    assert method_key("gated", True, "prototype") == "gated+temperature+prototype"
+    assert method_key("linear", False, "random") == "linear"
+    assert method_key("vpt-at-block", False, "random", insert_at_block=6) == "vpt@6"
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    root = tmp_path / "runs"
+    # FGVC, MAE gated+temperature: all five datasets, several seeds on some
+    for seed, x in [(1, 70.0), (2, 71.0), (3, 73.0)]:
+        write_run(root, f"fgvc/cub-s{seed}", task="cub", seed=seed, metrics=top1(x))
+    write_run(root, "fgvc/flowers", task="flowers", seed=1, metrics=top1(80.0))
+    write_run(root, "fgvc/cars-s1", task="cars", seed=1, metrics=top1(60.0))
+    write_run(root, "fgvc/cars-s2", task="cars", seed=2, metrics=top1(62.0))
+    write_run(root, "fgvc/dogs", task="dogs", seed=1, metrics=top1(78.0))
+    write_run(root, "fgvc/nabirds", task="nabirds", seed=1, metrics=top1(65.0))
+    # a sweep trial (not final) for cub
+    write_run(root, "sweep/cub/trial-0", task="cub", seed=42, final=False, metrics=top1(50.0))
+    # FGVC, MoCo v3 vpt-deep: nabirds missing
+    for t, x in zip(["cub", "flowers", "cars", "dogs"], [80.0, 90.0, 75.0, 82.0]):
+        write_run(root, f"moco-deep/{t}", backbone="mocov3_vitb16", method="vpt-deep", temp=False,
+                  task=t, seed=1, metrics=top1(x), num_prompts=10)
+    # VTAB, MoCo v3 gated+temperature: all 19 tasks
+    for i, t in enumerate(VTAB_NATURAL + VTAB_SPECIALIZED + VTAB_STRUCTURED):
+        write_run(root, f"vtab/moco/{t}", backbone="mocov3_vitb16", benchmark="vtab", task=t, seed=1,
+                  metrics=top1(40.0 + i), num_prompts=1 + i)
+    # VTAB, MAE vpt-shallow: every task but kitti (structured)
+    for i, t in enumerate(VTAB_NATURAL + VTAB_SPECIALIZED + VTAB_STRUCTURED):
+        if t != "kitti":
+            write_run(root, f"vtab/mae/{t}", benchmark="vtab", method="vpt-shallow", temp=False, task=t,
+                      seed=1, metrics=top1(30.0 + i))
+    # ADE20K, MAE gated (no temperature): mIoU_ms only on one seed
+    write_run(root, "seg/s1", method="gated", temp=False, benchmark="ade20k", task="ade20k", seed=1,
+              metrics={"mIoU": 38.0, "mAcc": 50.0, "aAcc": 80.0, "mIoU_ms": 39.5})
+    write_run(root, "seg/s2", method="gated", temp=False, benchmark="ade20k", task="ade20k", seed=2,
+              metrics={"mIoU": 39.0, "mAcc": 51.0, "aAcc": 81.0})
+    # another benchmark
+    write_run(root, "misc/shapes", benchmark="shapes", task="shapes", seed=7, metrics=top1(95.0))
+    # folders without results.json are skipped
+    (root / "empty" / "nested").mkdir(parents=True)
+    (root / "fgvc" / "cub-s1" / "checkpoints").mkdir()
+    return root
+
+
+def test_collect_runs_walks_recursively(runs_dir):
+    runs = collect_runs([runs_dir, runs_dir / "fgvc"])  # overlapping paths: each run once
+    assert len(runs) == 8 + 1 + 4 + 19 + 18 + 2 + 1
+    assert all("run_dir" in r for r in runs)
+    assert collect_runs(runs_dir / "fgvc" / "cub-s1")[0]["seed"] == 1
+    with pytest.raises(FileNotFoundError):
+        collect_runs(runs_dir / "nope")
+
+
+def test_per_task_mean_std_and_fgvc_mean(runs_dir):
+    rep = build_report(collect_runs(runs_dir), only_final=True)
+    cub = rep.task("fgvc", "mae_vitb16", "gated+temperature", "cub")
+    m = (70.0 + 71.0 + 73.0) / 3
+    s = math.sqrt(((70.0 - m) ** 2 + (71.0 - m) ** 2 + (73.0 - m) ** 2) / 2)
+    assert cub["mean"] == pytest.approx(m) and cub["std"] == pytest.approx(s)
+    assert cub["n_seeds"] == 3 and cub["seeds"] == "1 2 3"
+    assert cub["paper"] == 70.56 and cub["diff"] == pytest.approx(m - 70.56)
+    flowers = rep.task("fgvc", "mae_vitb16", "gated+temperature", "flowers")
+    assert flowers["std"] is None and flowers["n_seeds"] == 1
+    cars = rep.task("fgvc", "mae_vitb16", "gated+temperature", "cars")
+    assert cars["mean"] == pytest.approx(61.0) and cars["std"] == pytest.approx(math.sqrt(2.0))
+
+    fgvc_mean = (m + 80.0 + 61.0 + 78.0 + 65.0) / 5
+    row = rep.summary("fgvc", "mae_vitb16", "gated+temperature", "mean")
+    assert row["mean"] == pytest.approx(fgvc_mean)
+    assert row["paper"] == 73.39 and row["diff"] == pytest.approx(fgvc_mean - 73.39)
+    assert row["present"] == "5/5"
+
+
+def test_only_final_and_sweep_trials(runs_dir):
+    runs = collect_runs(runs_dir)
+    all_runs = build_report(runs)
+    cub = all_runs.task("fgvc", "mae_vitb16", "gated+temperature", "cub")
+    assert cub["n_seeds"] == 4 and cub["mean"] == pytest.approx((70 + 71 + 73 + 50) / 4)
+    assert cub["final"] == "3/4"
+    final = build_report(runs, only_final=True)
+    assert final.task("fgvc", "mae_vitb16", "gated+temperature", "cub")["final"] == "yes"
+    assert final.num_runs == all_runs.num_runs - 1
+
+
+def test_missing_task_makes_dependent_means_missing(runs_dir):
+    rep = build_report(collect_runs(runs_dir), only_final=True)
+    row = rep.summary("fgvc", "mocov3_vitb16", "vpt-deep", "mean")
+    assert row["mean"] is None and row["diff"] is None
+    assert row["paper"] == 83.12
+    assert row["present"] == "4/5"
+    assert row["mean_over_present"] == pytest.approx((80 + 90 + 75 + 82) / 4)
+    assert rep.task("fgvc", "mocov3_vitb16", "vpt-deep", "cub")["paper"] == 82.67
+    nab = rep.task("fgvc", "mocov3_vitb16", "vpt-deep", "nabirds")  # listed, as missing
+    assert nab["mean"] is None and nab["n_seeds"] == 0 and nab["paper"] == 75.99 and nab["diff"] is None
+    kitti = rep.task("vtab", "mae_vitb16", "vpt-shallow", "kitti")
+    assert kitti["mean"] is None and kitti["group"] == "structured"
+
+    # MAE vpt-shallow VTAB: kitti missing -> Structured and 19-task mean missing, others present
+    ordered = VTAB_NATURAL + VTAB_SPECIALIZED + VTAB_STRUCTURED
+    acc = {t: 30.0 + i for i, t in enumerate(ordered)}
+    nat = rep.summary("vtab", "mae_vitb16", "vpt-shallow", "natural")
+    assert nat["mean"] == pytest.approx(sum(acc[t] for t in VTAB_NATURAL) / 7)
+    assert nat["paper"] == 39.96 and nat["diff"] == pytest.approx(nat["mean"] - 39.96)
+    spec = rep.summary("vtab", "mae_vitb16", "vpt-shallow", "specialized")
+    assert spec["mean"] == pytest.approx(sum(acc[t] for t in VTAB_SPECIALIZED) / 4)
+    struct = rep.summary("vtab", "mae_vitb16", "vpt-shallow", "structured")
+    assert struct["mean"] is None and struct["present"] == "7/8" and struct["paper"] == 27.50
+    mean19 = rep.summary("vtab", "mae_vitb16", "vpt-shallow", "mean")
+    assert mean19["mean"] is None and mean19["present"] == "18/19" and mean19["paper"] == 40.96
+
+    md = rep.markdown()
+    line = next(l for l in md.splitlines() if "mocov3_vitb16 | vpt-deep | mean (5 datasets)" in l)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "—" and cells[4] == "83.12" and cells[5] == "—" and cells[6] == "4/5"
+    line = next(l for l in md.splitlines() if "mocov3_vitb16 | vpt-deep | nabirds" in l)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "—" and cells[5] == "0" and cells[-2:] == ["75.99", "—"]
+
+
+def test_vtab_group_means_and_19_task_mean(runs_dir):
+    rep = build_report(collect_runs(runs_dir))
+    ordered = VTAB_NATURAL + VTAB_SPECIALIZED + VTAB_STRUCTURED
+    acc = {t: 40.0 + i for i, t in enumerate(ordered)}
+    expected = {
+        "natural": (sum(acc[t] for t in VTAB_NATURAL) / 7, 74.84),
+        "specialized": (sum(acc[t] for t in VTAB_SPECIALIZED) / 4, 83.38),
+        "structured": (sum(acc[t] for t in VTAB_STRUCTURED) / 8, 49.10),
+        "mean": (sum(acc.values()) / 19, 65.80),  # mean of 19 tasks, not of the 3 groups
+    }
+    for name, (ours, paper) in expected.items():
+        row = rep.summary("vtab", "mocov3_vitb16", "gated+temperature", name)
+        assert row["mean"] == pytest.approx(ours), name
+        assert row["paper"] == paper and row["diff"] == pytest.approx(ours - paper)
+    assert rep.task("vtab", "mocov3_vitb16", "gated+temperature", "kitti")["group"] == "structured"
+    assert rep.task("vtab", "mocov3_vitb16", "gated+temperature", "dtd")["paper"] is None
+
+
+def test_segmentation_and_other_benchmarks(runs_dir):
+    rep = build_report(collect_runs(runs_dir))
+    ss = rep.task("ade20k", "mae_vitb16", "gated", "ade20k", metric="mIoU")
+    assert ss["mean"] == pytest.approx(38.5) and ss["n_seeds"] == 2
+    assert ss["std"] == pytest.approx(math.sqrt(0.5))
+    assert ss["paper"] == 38.44 and ss["diff"] == pytest.approx(38.5 - 38.44)
+    ms = rep.task("ade20k", "mae_vitb16", "gated", "ade20k", metric="mIoU_ms")
+    assert ms["mean"] == pytest.approx(39.5) and ms["n_seeds"] == 1 and ms["paper"] == 39.81
+    shapes = rep.task("shapes", "mae_vitb16", "gated+temperature", "shapes")
+    assert shapes["mean"] == 95.0 and shapes["paper"] is None
+    assert not [r for r in rep.summary_rows if r["benchmark"] in ("ade20k", "shapes")]
+    md = rep.markdown()
+    assert "ADE20K" in md and "shapes" in md and "38.44" in md and "39.81" in md
+
+
+def test_csv_and_write(runs_dir, tmp_path):
+    out = tmp_path / "out"
+    rep = write_report([runs_dir], out, only_final=True)
+    text = (out / "report.csv").read_text()
+    assert text == rep.csv()
+    assert (out / "report.md").read_text() == rep.markdown()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == len(rep.task_rows) + len(rep.summary_rows)
+    cub = next(r for r in rows if r["section"] == "task" and r["benchmark"] == "fgvc"
+               and r["method"] == "gated+temperature" and r["name"] == "cub")
+    assert float(cub["mean"]) == pytest.approx(214 / 3, abs=1e-4)
+    assert float(cub["paper"]) == 70.56 and cub["n_seeds"] == "3"
+    flowers = next(r for r in rows if r["section"] == "task" and r["method"] == "gated+temperature"
+                   and r["name"] == "flowers")
+    assert flowers["std"] == ""  # one seed: no std
+    deep = next(r for r in rows if r["section"] == "summary" and r["method"] == "vpt-deep"
+                and r["benchmark"] == "fgvc" and r["name"] == "mean")
+    assert deep["mean"] == "" and deep["diff"] == "" and float(deep["paper"]) == 83.12
+
+
+def test_bad_results_json(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON") as e:
+        collect_runs(tmp_path)
+    assert str(bad / "results.json") in str(e.value)
+
+    (bad / "results.json").write_text(json.dumps({"backbone": "mae_vitb16", "method": "gated"}))
+    with pytest.raises(ValueError, match="'learn_temperature'") as e:
+        collect_runs(tmp_path)
+    assert str(bad / "results.json") in str(e.value)
+
+    bad.joinpath("results.json").unlink()
+    d = write_run(tmp_path, "nometric", metrics={"val_top1_best": 3.0})
+    with pytest.raises(ValueError, match=r"metrics\.test_top1") as e:
+        collect_runs(tmp_path)
+    assert str(d / "results.json") in str(e.value)
+
+    with pytest.raises(ValueError, match="'task'"):
+        build_report([{"backbone": "b", "method": "gated", "learn_temperature": False,
+                       "prompt_init": "random", "benchmark": "fgvc", "seed": 1, "metrics": {}}])
+
+
+def _gate_entries():
+    gate_a = [0.25, 0.5, 0.125, 0.75, 0.0625, 0.375, 0.625, 0.875, 0.3125, 0.4375, 0.5625]
+    ratio_a = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.45]
+    temp_a = [1.0, 1.5, 2.25, 0.5, 0.75, 1.125, 1.25, 1.375, 0.875, 0.625, 3.5, 4.25]
+    gate_b = [0.0067] * 11
+    ratio_b = [1 / 11] * 11
+    return [("mae-cub", {"gate": gate_a, "selection_ratio": ratio_a, "inserted_prompt_weight": 0.0123,
+                         "temperature": temp_a}),
+            ("moco-cub", {"gate": gate_b, "selection_ratio": ratio_b, "inserted_prompt_weight": 0.9286,
+                          "temperature": None})]
+
+
+def test_gates_plot_and_table(tmp_path):
+    from gapt.protocol.gates_plot import gates_table, plot_gates
+    entries = _gate_entries()
+    png = plot_gates(entries, tmp_path / "fig" / "gates.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+    table = gates_table(entries)
+    lines = table.strip().splitlines()
+    assert len(lines) == 2 + 12 + 1  # header, rule, 12 blocks, inserted-prompt weight
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:4] == ["block", "mae-cub gate", "mae-cub r_l", "mae-cub temperature"]
+    row3 = [c.strip() for c in lines[2 + 2].strip("|").split("|")]
+    assert row3[:4] == ["3", "0.125", "0.03", "2.25"]
+    assert row3[4:] == ["0.0067", "0.09091", "—"]
+    last_block = [c.strip() for c in lines[2 + 11].strip("|").split("|")]
+    assert last_block[:4] == ["12", "—", "—", "4.25"]
+    assert "0.0123" in lines[-1] and "0.9286" in lines[-1]
+
+    with pytest.raises(ValueError, match="selection ratios"):
+        gates_table([("x", {"gate": [0.1, 0.2], "selection_ratio": [1.0], "inserted_prompt_weight": 0.5})])
