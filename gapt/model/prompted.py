@@ -235,16 +235,20 @@ class PromptedViT(nn.Module):
 
     @torch.no_grad()
     def frozen_prefix(self, images: torch.Tensor) -> torch.Tensor:
-        """Tokens entering the first block that depends on tuned tensors."""
+        """What the first trainable tensor sees: pooled features (linear) or the tokens entering block k."""
+        if self.method == "linear":
+            return self.forward_features(images)
         x = self.embed(images)
         for i in range(self.frozen_prefix_blocks):
             x = self.backbone.blocks[i](x)
         return x
 
-    def forward_from_prefix(self, prefix_tokens: torch.Tensor) -> torch.Tensor:
-        """Logits from cached ``frozen_prefix`` tokens (equal to ``forward`` on the images)."""
+    def forward_from_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Logits from cached ``frozen_prefix`` outputs (equal to ``forward`` on the images)."""
+        if self.method == "linear":
+            return self.head(prefix)
         self.clamp_temperature_()
-        x, _ = self.run_blocks(prefix_tokens, start=self.frozen_prefix_blocks)
+        x, _ = self.run_blocks(prefix, start=self.frozen_prefix_blocks)
         return self.head(self.pool(x))
 
     # -- analysis ---------------------------------------------------------------------------
