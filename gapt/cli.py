@@ -1,0 +1,165 @@
+"""`gapt` command line: parse a command + config, call one function of the layer below."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+EPILOG = "Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`."
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("gapt").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .engine.trainer import config_for_resume, train
+    if args.resume:
+        if args.config or args.overrides:
+            raise SystemExit("gapt train: --resume continues a run with its saved config.yaml; "
+                             "drop --config and KEY=VALUE overrides")
+        cfg = config_for_resume(args.resume)
+        train(cfg, resume=True)
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .engine.inference import eval_run
+    out = eval_run(args.run, args.split)
+    print(json.dumps(out) if args.json else f"{args.run} {out['split']}: top-1 {out['top1']:.2f}% "
+          f"({out['count']} images, loss {out['loss']:.4f})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .engine.inference import predict
+    preds = predict(args.run, args.images, args.top_k)
+    if args.json:
+        print(json.dumps(preds, indent=2))
+        return 0
+    for p in preds:
+        print(p["image"])
+        for t in p["top"]:
+            print(f"  {t['probability']:7.2%}  {t['class']}")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from .config import CHOICES, RunConfig, all_keys, get_key
+    defaults = RunConfig()
+    for key in all_keys():
+        choices = f"   one of {CHOICES[key]}" if key in CHOICES else ""
+        print(f"{key} = {get_key(defaults, key)!r}{choices}")
+    return 0
+
+
+def cmd_backbones(args) -> int:
+    from .model.backbones import BACKBONES
+    for name, spec in BACKBONES.items():
+        if name.startswith("test_"):
+            continue
+        arch = spec.arch
+        print(f"{name:16s} ViT patch {arch['patch_size']} width {arch['embed_dim']} depth {arch['depth']}  "
+              f"pooling={spec.pooling} checkpoint={spec.checkpoint_format}")
+    print("...or any timm ViT name (weights=timm downloads hub weights when online)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .protocol.report import write_report
+    rep = write_report(args.runs, args.out, only_final=args.only_final)
+    print(rep.markdown())
+    print(f"\nwrote {args.out}/report.md and {args.out}/report.csv", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo.run import run_demo
+    run_demo(out=args.out, quick=args.quick)
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gapt", description="Gated prompt tuning for frozen self-supervised ViTs.",
+                                epilog=EPILOG)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one run (YAML config + KEY=VALUE overrides)", epilog=EPILOG)
+    t.add_argument("--config", help="YAML config file (e.g. configs/fgvc/cub.yaml)")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="top-1 of a finished run on a split (best-val tuned state)")
+    e.add_argument("run")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="class probabilities for images with a finished run")
+    pr.add_argument("run")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.set_defaults(func=cmd_predict)
+
+    d = sub.add_parser("demo", help="the paper's story on a shipped MAE-pretrained micro ViT, offline, minutes on CPU")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="a smaller, faster version (used by the tests)")
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("report", help="tables per task and benchmark means beside the paper's numbers")
+    r.add_argument("runs", nargs="+", help="run folders or folders holding them")
+    r.add_argument("--out", default="reports")
+    r.add_argument("--only-final", action="store_true", help="leave out sweep trials")
+    r.set_defaults(func=cmd_report)
+
+    k = sub.add_parser("keys", help="list every config key with its default")
+    k.set_defaults(func=cmd_keys)
+    b = sub.add_parser("backbones", help="list the registered backbones")
+    b.set_defaults(func=cmd_backbones)
+
+    import importlib
+    for module in COMMAND_MODULES:  # each adds its own sub-commands
+        importlib.import_module(module).add_commands(sub)
+    return p
+
+
+# Command groups that live beside the layer they drive.
+COMMAND_MODULES: List[str] = []
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    from .config import ConfigError
+    from .model.checkpoints import CheckpointError
+    from .engine.runfolder import RunFolderError
+    from .engine.trainer import TrainingDiverged
+    errors = (ConfigError, CheckpointError, RunFolderError, TrainingDiverged, FileNotFoundError, ValueError)
+    try:
+        return args.func(args) or 0
+    except errors as e:
+        print(f"gapt {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"gapt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

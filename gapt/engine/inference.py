@@ -1,0 +1,65 @@
+"""A finished run folder -> its model: `gapt eval` (a split's top-1) and `gapt predict` (class probabilities)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from .. import config as C
+from ..model import load_model
+from . import runfolder as rf
+from .trainer import autocast_dtype, evaluate, resolve_device
+
+
+def load_run(run_dir: str):
+    """(config, model with its best-val tuned state, results.json or {})."""
+    run = Path(run_dir)
+    if not (run / rf.CONFIG).exists():
+        raise rf.RunFolderError(f"{run_dir} is not a gapt run folder (no {rf.CONFIG})")
+    if not (run / rf.TUNED).exists():
+        raise rf.RunFolderError(f"{run_dir} has no {rf.TUNED} yet (is the run finished?)")
+    cfg = C.load_config(str(run / rf.CONFIG))
+    model = load_model(str(run / rf.TUNED), weights=cfg.weights)
+    results = rf.read_json(run / rf.RESULTS) if (run / rf.RESULTS).exists() else {}
+    return cfg, model.eval(), results
+
+
+def eval_run(run_dir: str, split: str = "test") -> Dict:
+    from ..data import build_datasets
+    cfg, model, _ = load_run(run_dir)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split '{split}'; valid: train, val, test")
+    device = resolve_device(cfg)
+    model.to(device)
+    bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.train.seed)
+    dataset = getattr(bundle, split)
+    bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
+    out = evaluate(model, dataset, bs, device, autocast_dtype(cfg, device), cfg.data.num_workers, desc=split)
+    return {"run": str(run_dir), "split": split, "top1": out["top1"], "loss": out["loss"], "count": out["count"]}
+
+
+@torch.no_grad()
+def predict(run_dir: str, images: List[str], top_k: int = 5) -> List[Dict]:
+    from PIL import Image
+    from ..data import eval_transform
+    cfg, model, results = load_run(run_dir)
+    info = results.get("data") or {"format": cfg.data.format, "name": cfg.data.name}
+    transform = eval_transform(info, cfg.image_size)
+    device = resolve_device(cfg)
+    model.to(device)
+    out = []
+    for path in images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            img = Image.open(path).convert("RGB")
+        except Exception as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+        probs = model(transform(img)[None].to(device)).float().softmax(-1)[0].cpu()
+        k = min(top_k, probs.numel())
+        top = probs.topk(k)
+        out.append({"image": str(path), "top": [
+            {"class": model.class_names[i], "index": int(i), "probability": float(p)}
+            for p, i in zip(top.values.tolist(), top.indices.tolist())]})
+    return out

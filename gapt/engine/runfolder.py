@@ -1,0 +1,68 @@
+"""The run folder: config.yaml, metrics.jsonl, results.json, tuned.safetensors, last.pt (resume state).
+
+Every file is written atomically (temporary file + rename), so an interrupted run never leaves
+half a file behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+CONFIG, METRICS, RESULTS, TUNED, RESUME = "config.yaml", "metrics.jsonl", "results.json", "tuned.safetensors", "last.pt"
+
+
+class RunFolderError(RuntimeError):
+    pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Dict) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{path} is not valid JSON: {e}") from None
+
+
+def append_metrics(folder: Path, record: Dict) -> None:
+    with open(folder / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(folder: Path) -> List[Dict]:
+    path = Path(folder) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(folder: Path, before_epoch: int) -> None:
+    """Drop lines of epochs the resume state does not cover (written just before a kill)."""
+    kept = [r for r in read_metrics(folder) if r.get("epoch", -1) < before_epoch]
+    atomic_write_text(Path(folder) / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def check_new_run(folder: Path) -> None:
+    if (folder / RESUME).exists() or (folder / RESULTS).exists():
+        raise RunFolderError(f"{folder} already holds a run; continue it with `gapt train --resume {folder}` "
+                             f"or choose another out=...")

@@ -1,0 +1,307 @@
+"""One training run (SPEC §6): train, evaluate val every epoch, keep the best-val tuned state,
+evaluate test once at the end on the best and the last state. Resumable, DDP-aware."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from .. import config as C
+from ..model import PromptedViT, build_model
+from . import distributed as dist
+from . import runfolder as rf
+from .progress import Progress, summary
+from .schedule import LRSchedule
+
+log = logging.getLogger("gapt")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good state is kept in the run folder."""
+
+
+# -- set-up -----------------------------------------------------------------------------------
+def resolve_device(cfg: C.RunConfig) -> torch.device:
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise C.ConfigError(f"bad value for config key 'device': {cfg.device!r} but no CUDA device is available")
+    return torch.device(cfg.device)
+
+
+def autocast_dtype(cfg: C.RunConfig, device: torch.device) -> Optional[torch.dtype]:
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_from_config(cfg: C.RunConfig, num_classes: int, class_names=None) -> PromptedViT:
+    with warnings.catch_warnings():
+        if cfg.weights is None:
+            warnings.simplefilter("ignore")
+            log.warning("backbone %s built with random weights (weights: null)", cfg.backbone)
+        model = build_model(cfg.backbone, method=cfg.method, num_prompts=cfg.num_prompts, num_classes=num_classes,
+                            gate_init=cfg.gate_init, learn_temperature=cfg.learn_temperature,
+                            insert_at_block=cfg.insert_at_block, weights=cfg.weights, image_size=cfg.image_size,
+                            prompt_dropout=cfg.prompt_dropout, pooling=cfg.pooling or None, class_names=class_names)
+    model.grad_checkpointing = cfg.train.grad_checkpointing
+    return model
+
+
+def make_optimizer(cfg: C.RunConfig, params) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _loader(dataset, batch_size: int, sampler, workers: int, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)  # worker seeds derive from it: reproducible augmentation
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=g,
+                      persistent_workers=False, pin_memory=False, drop_last=False)
+
+
+@torch.no_grad()
+def precompute_prefix(model: PromptedViT, dataset, batch_size: int, device, dtype, desc: str) -> TensorDataset:
+    """Outputs of the frozen blocks for an un-augmented split, computed once (SPEC-equal logits)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    feats, labels = [], []
+    bar = Progress(len(loader), desc, enabled=dist.is_main())
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            feats.append(model.frozen_prefix(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+        bar.update()
+    bar.close()
+    return TensorDataset(torch.cat(feats), torch.cat(labels))
+
+
+# -- loops ------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(forward: Callable, dataset, batch_size: int, device, dtype, workers: int = 0,
+             desc: str = "eval") -> Dict[str, float]:
+    """Top-1 (percent) and mean loss over ``dataset``, each sample counted once across processes."""
+    loader = _loader(dataset, batch_size, dist.ShardSampler(len(dataset)), workers)
+    correct = total = loss_sum = 0.0
+    bar = Progress(len(loader), desc, enabled=dist.is_main())
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = forward(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        total += y.numel()
+        bar.update()
+    bar.close()
+    correct, total, loss_sum = dist.all_sum([correct, total, loss_sum], device)
+    return {"top1": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1), "count": int(total)}
+
+
+def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSchedule, epoch: int, device, dtype,
+                    max_steps: int = 0, run_dir: Optional[Path] = None) -> Dict[str, float]:
+    model.train()
+    steps = len(loader) if not max_steps else min(max_steps, len(loader))
+    bar = Progress(steps, f"epoch {epoch}", enabled=dist.is_main())
+    loss_sum, seen, start, lr = 0.0, 0, time.time(), 0.0
+    for step, (x, y) in enumerate(loader):
+        if step >= steps:
+            break
+        lr = schedule.apply(optimizer, epoch, step)
+        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(forward(x).float(), y)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch} step {step}; stopped. The last good "
+                                   f"state is kept" + (f" in {run_dir}/{rf.RESUME}" if run_dir else ""))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * y.numel()
+        seen += y.numel()
+        bar.update(loss=loss.item(), lr=lr, img_s=seen * dist.world_size() / max(time.time() - start, 1e-9))
+    bar.close()
+    elapsed = time.time() - start
+    totals = dist.all_sum([loss_sum, seen], device)
+    return {"loss": totals[0] / max(totals[1], 1), "lr": lr, "images_per_s": totals[1] / max(elapsed, 1e-9),
+            "train_time_s": elapsed}
+
+
+# -- state ------------------------------------------------------------------------------------
+def tuned_state(model: PromptedViT) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.tuned_parameters().items()}
+
+
+def set_tuned_state(model: PromptedViT, state: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, p in model.tuned_parameters().items():
+            p.copy_(state[k])
+
+
+def rng_state() -> Dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_pos": random.getstate()[2],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: Dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), s["python_pos"]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# -- the run ----------------------------------------------------------------------------------
+def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int] = None,
+          prompt_initialiser: Optional[Callable] = None) -> Dict:
+    """Run ``cfg`` to the end and return results.json's content.
+
+    ``stop_after_epoch`` ends the process's work right after that epoch's resume file is written
+    (as a kill would); tests use it to check that resuming gives the uninterrupted metrics.
+    """
+    from ..data import build_datasets
+    device = resolve_device(cfg)
+    dist.init_from_env(device.type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out = Path(cfg.out)
+    if dist.is_main():
+        if not resume:
+            rf.check_new_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        rf.atomic_write_text(out / rf.CONFIG, C.to_yaml(cfg))
+    dtype = autocast_dtype(cfg, device)
+    t = cfg.train
+    if t.batch_size % dist.world_size():
+        raise C.ConfigError(f"bad value for config key 'train.batch_size': {t.batch_size} does not divide over "
+                            f"{dist.world_size()} processes")
+    seed_everything(t.seed)
+
+    bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=t.seed)
+    model = model_from_config(cfg, bundle.num_classes, bundle.class_names).to(device)
+    if cfg.prompt_init == "prototype" and not resume:
+        from ..protocol.prototype import init_prompts_from_prototypes
+        (prompt_initialiser or init_prompts_from_prototypes)(model, bundle.train, seed=t.seed, device=device)
+    eval_bs = t.eval_batch_size or 2 * t.batch_size
+
+    # Frozen blocks on un-augmented data are computed once, not every epoch.
+    train_set, val_set, forward_fn = bundle.train, bundle.val, model
+    cached = model.frozen_prefix_blocks > 0 and not getattr(bundle.train, "augmented", True)
+    if cached:
+        model.eval()
+        train_set = precompute_prefix(model, bundle.train, eval_bs, device, dtype, "cache train prefix")
+        val_set = precompute_prefix(model, bundle.val, eval_bs, device, dtype, "cache val prefix")
+        log.info("cached the output of %d frozen block(s) for train and val", model.frozen_prefix_blocks)
+    train_forward = model.forward_from_prefix if cached else model
+    ddp_model = None
+    if dist.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp_model = DistributedDataParallel(_PrefixForward(model) if cached else model,
+                                            device_ids=[device.index] if device.type == "cuda" else None)
+        train_forward = ddp_model
+    if t.compile:
+        train_forward = torch.compile(train_forward)
+
+    sampler = dist.train_sampler(train_set, t.seed)
+    workers = 0 if cached else cfg.data.num_workers
+    loader = _loader(train_set, t.batch_size // dist.world_size(), sampler, workers, t.seed)
+    steps_per_epoch = len(loader) if not t.max_steps_per_epoch else min(t.max_steps_per_epoch, len(loader))
+    optimizer = make_optimizer(cfg, list(model.tuned_parameters().values()))
+    schedule = LRSchedule(t.lr, t.epochs, t.warmup_epochs, steps_per_epoch, t.schedule)
+
+    start_epoch, best = 0, {"top1": -1.0, "epoch": -1, "state": None}
+    train_time = 0.0
+    if resume:
+        state = torch.load(out / rf.RESUME, map_location="cpu", weights_only=True)
+        set_tuned_state(model, state["tuned"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, train_time = state["epoch"] + 1, state["train_time_s"]
+        best = {"top1": state["best_top1"], "epoch": state["best_epoch"], "state": state["best_tuned"]}
+        set_rng_state(state["rng"])
+        if dist.is_main():
+            rf.truncate_metrics(out, start_epoch)
+        log.info("resuming %s at epoch %d", out, start_epoch)
+
+    val_forward = model.forward_from_prefix if cached else model
+    for epoch in range(start_epoch, t.epochs):
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, train_forward, loader, optimizer, schedule, epoch, device, dtype,
+                                t.max_steps_per_epoch, out)
+        train_time += stats.pop("train_time_s")
+        model.eval()
+        val = evaluate(val_forward, val_set, eval_bs, device, dtype, workers, desc="val")
+        record = {"epoch": epoch, **stats, "val_top1": val["top1"], "val_loss": val["loss"]}
+        if t.eval_test_every_epoch:  # the reference protocol: costly, and test must not pick models
+            record["test_top1"] = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test")["top1"]
+        if val["top1"] > best["top1"]:
+            best = {"top1": val["top1"], "epoch": epoch, "state": tuned_state(model)}
+        if dist.is_main():
+            rf.append_metrics(out, record)
+            rf.atomic_torch_save({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
+                                  "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
+                                  "rng": rng_state(), "train_time_s": train_time}, out / rf.RESUME)
+            log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary(record))
+        dist.barrier()
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            return {"stopped_after_epoch": epoch}
+
+    # Test once: on the best-val state (what the run reports) and on the last state.
+    last_state = tuned_state(model)
+    test_last = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (last)")
+    set_tuned_state(model, best["state"])
+    test_best = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (best val)")
+    results = {
+        "backbone": cfg.backbone, "method": cfg.method, "learn_temperature": cfg.learn_temperature,
+        "num_prompts": model.num_prompts, "prompt_init": cfg.prompt_init, "gate_init": cfg.gate_init,
+        "insert_at_block": cfg.insert_at_block, "benchmark": cfg.data.format, "task": bundle.info.get("name") or
+        cfg.data.name, "seed": t.seed, "final": cfg.data.final,
+        "metrics": {"val_top1_best": best["top1"], "best_epoch": best["epoch"], "test_top1": test_best["top1"],
+                    "test_top1_last": test_last["top1"], "test_count": test_best["count"]},
+        "data": bundle.info, "tuned_params": model.num_tuned(), "train_time_s": train_time,
+        "epochs": t.epochs, "device": str(device), "precision": "bf16" if dtype else "fp32",
+        "world_size": dist.world_size(), "lr": t.lr, "weight_decay": t.weight_decay,
+    }
+    if dist.is_main():
+        model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
+        rf.write_json(out / rf.RESULTS, results)
+        log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
+                 best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
+    set_tuned_state(model, last_state)
+    dist.barrier()
+    return results
+
+
+class _PrefixForward(torch.nn.Module):
+    """DDP needs a module: this one maps cached prefixes to logits through the model."""
+
+    def __init__(self, model: PromptedViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prefix):
+        return self.model.forward_from_prefix(prefix)
+
+
+def config_for_resume(run_dir: str) -> C.RunConfig:
+    path = Path(run_dir) / rf.CONFIG
+    if not (Path(run_dir) / rf.RESUME).exists():
+        raise rf.RunFolderError(f"{run_dir} has no resume file ({rf.RESUME}); nothing to resume")
+    cfg = C.load_config(str(path))
+    return replace(cfg, out=str(run_dir))
