@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    format: str = "folder"          # fgvc | vtab | folder | csv | shapes | digits
+    format: str = "folder"          # fgvc | vtab | folder | csv | shapes; segmentation: ade20k | seg_folder
     root: str = ""                  # dataset folder (fgvc/vtab: the dataset's own folder or its parent)
     name: str = ""                  # FGVC dataset or VTAB task name (sets classes and image root)
     train_split: str = ""           # "" = the format's default (e.g. train / train800)
@@ -58,6 +58,12 @@ class TrainConfig:
     grad_checkpointing: bool = False
     max_steps_per_epoch: int = 0    # 0 = whole epoch; >0 caps an epoch (smoke runs)
     eval_test_every_epoch: bool = False  # the reference protocol (costly); off by default
+    # segmentation (gapt seg train): iteration-based with poly decay
+    iterations: int = 0             # > 0: train this many iterations (segmentation)
+    eval_every: int = 0             # segmentation: evaluate val every N iterations (0 = at the end only)
+    head_lr_mult: float = 10.0      # segmentation heads' lr multiplier (SETR recipe)
+    poly_power: float = 0.9
+    min_lr: float = 1e-4
 
 
 @dataclass
@@ -73,6 +79,7 @@ class RunConfig:
     prompt_dropout: float = 0.1
     pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt)
     image_size: int = 224
+    crop_size: int = 512            # segmentation: training crop and sliding window
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out: str = "runs/default"
@@ -84,7 +91,7 @@ CHOICES = {
     "method": ["linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated"],
     "prompt_init": ["random", "prototype"],
     "pooling": ["", "mean", "cls", "img", "prompt"],
-    "data.format": ["fgvc", "vtab", "folder", "csv", "shapes", "digits"],
+    "data.format": ["fgvc", "vtab", "folder", "csv", "shapes", "ade20k", "seg_folder"],
     "data.cache": ["memory", "disk", "none"],
     "data.vtab_resize": ["tf_bilinear", "antialias"],
     "train.optimizer": ["sgd", "adamw"],
