@@ -1,0 +1,299 @@
+"""Decoded-image cache and the up-front image check.
+
+Un-augmented splits (every VTAB split, every eval split) are decoded and resized once into
+uint8 (N, S, S, 3) arrays; normalisation then happens per item from uint8, so later epochs
+decode no JPEG. ``memory`` keeps the array in RAM (shared copy-on-write with forked
+DataLoader workers); ``disk`` writes a ``.npy`` file read back as a read-only memmap (each
+worker reopens it; nothing large is pickled).
+
+A disk cache is named by a SHA-256 key over (cache format version, the decoder's
+description incl. image size, and every file's path, size and mtime), so editing, adding,
+removing or reordering an image gives a new key and a stale cache can never be read. Files
+are written under a temporary name and renamed into place, so a half-written cache is never
+read either (two processes building the same cache both end with identical files).
+
+Images that fail to decode are recorded (index -> reason) rather than raised here; the
+caller decides whether that is an error or a skip. The same goes for :func:`check_images`,
+which cheaply test-decodes images of augmented splits (JPEGs in draft mode, at 1/8 scale:
+the whole entropy-coded stream is still read, so truncated files are caught).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+
+log = logging.getLogger("gapt.data")
+
+CACHE_VERSION = 1
+MAX_THREADS = 16
+
+
+def num_threads() -> int:
+    # PIL decoding and numpy resizing release the GIL, so threads scale on CPU cores.
+    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+class _Progress:
+    """tqdm on a terminal; otherwise one log line at the start and one at the end."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.start = total, desc, time.time()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+        else:
+            log.info("%s: %d images ...", desc, total)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        log.info("%s: %d images done in %.1fs", self.desc, self.total, time.time() - self.start)
+
+
+def run_parallel(fn: Callable[[int], Optional[str]], n: int, desc: str) -> Dict[int, str]:
+    """Call ``fn(i)`` for i in range(n) on a thread pool; collect non-None results (errors)."""
+    failures: Dict[int, str] = {}
+    progress = _Progress(n, desc)
+    try:
+        threads = num_threads()
+        if threads == 1 or n < 2 * threads:
+            results = map(fn, range(n))
+            for i, err in enumerate(results):
+                if err is not None:
+                    failures[i] = err
+                progress.update()
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                for i, err in enumerate(pool.map(fn, range(n))):
+                    if err is not None:
+                        failures[i] = err
+                    progress.update()
+    finally:
+        progress.close()
+    return failures
+
+
+# ------------------------------------------------------------------------------------------
+# keys
+# ------------------------------------------------------------------------------------------
+
+def file_signature(path: str) -> List:
+    try:
+        st = os.stat(path)
+        return [path, st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [path, -1, -1]
+
+
+def cache_key(paths: Sequence[str], description: str) -> str:
+    """SHA-256 over the cache version, the transform description and every file's stat."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": CACHE_VERSION, "transform": description}).encode())
+    for p in paths:
+        h.update(json.dumps(file_signature(os.path.abspath(p))).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _safe_label(label: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    return keep.strip("._")[:80] or "split"
+
+
+def default_cache_dir(root: str) -> str:
+    return os.path.join(root or ".", ".gapt_cache")
+
+
+def _ensure_dir(cache_dir: str) -> Path:
+    d = Path(cache_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"cannot write the disk cache folder {cache_dir} ({describe_error(e)}); "
+                        f"set data.cache_dir to a writable folder or use data.cache=memory") from e
+    return d
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+# the cache itself
+# ------------------------------------------------------------------------------------------
+
+class ImageCache:
+    """Rows of uint8 (S, S, 3) images, held in memory or as a lazily opened read-only memmap."""
+
+    def __init__(self, array: Optional[np.ndarray] = None, path: Optional[str] = None,
+                 description: str = "", key: str = ""):
+        self._array = array
+        self.path = path
+        self.description = description
+        self.key = key
+
+    @property
+    def mode(self) -> str:
+        return "disk" if self.path else "memory"
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:  # a worker process after unpickling, or first access
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.array[row]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.path:  # never pickle a memmap's contents into DataLoader workers
+            state["_array"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+def _decode_into(array: np.ndarray, paths: Sequence[str], decode: Callable[[str], np.ndarray],
+                 desc: str) -> Dict[int, str]:
+    def work(i: int) -> Optional[str]:
+        try:
+            array[i] = decode(paths[i])
+        except Exception as e:  # noqa: BLE001 - any decoder failure marks the image bad
+            array[i] = 0
+            return describe_error(e)
+        return None
+    return run_parallel(work, len(paths), desc)
+
+
+def _warn_if_large(nbytes: int, what: str) -> None:
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > 0.5 * physical:
+        log.warning("the memory cache for %s needs %.1f GB (machine: %.1f GB); "
+                    "consider data.cache=disk", what, nbytes / 1e9, physical / 1e9)
+
+
+def build_image_cache(paths: Sequence[str], decoder, mode: str, cache_dir: str = "",
+                      label: str = "split") -> "tuple[ImageCache, Dict[int, str]]":
+    """Decode every image once with ``decoder.load_uint8``; returns (cache, failures).
+
+    ``mode`` is ``memory`` or ``disk``; ``failures`` maps row -> reason (those rows are zero).
+    """
+    s = decoder.image_size
+    shape = (len(paths), s, s, 3)
+    desc = f"caching {label} ({decoder.description})"
+    if mode == "memory":
+        _warn_if_large(int(np.prod(shape)), label)
+        array = np.empty(shape, dtype=np.uint8)
+        failures = _decode_into(array, paths, decoder.load_uint8, desc)
+        return ImageCache(array, description=decoder.description), failures
+    if mode != "disk":
+        raise ValueError(f"unknown cache mode {mode!r}")
+
+    key = cache_key(paths, decoder.description)
+    folder = _ensure_dir(cache_dir)
+    stem = f"{_safe_label(label)}-{key[:20]}"
+    npy, meta_path = folder / f"{stem}.npy", folder / f"{stem}.json"
+    meta = _read_json(meta_path) if npy.exists() else None
+    if meta and meta.get("key") == key and meta.get("shape") == list(shape):
+        try:
+            arr = np.load(npy, mmap_mode="r")
+            if tuple(arr.shape) == shape and arr.dtype == np.uint8:
+                log.info("using disk cache %s", npy)
+                failures = {int(k): v for k, v in meta.get("failures", {}).items()}
+                return ImageCache(path=str(npy), description=decoder.description, key=key), failures
+        except (OSError, ValueError):
+            pass  # unreadable: rebuild below
+    tmp = npy.with_name(f"{npy.name}.{uuid.uuid4().hex}.tmp.npy")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        failures = _decode_into(array, paths, decoder.load_uint8, desc)
+        array.flush()
+        del array
+        _write_json_atomic(meta_path, {"key": key, "shape": list(shape), "transform": decoder.description,
+                                       "num_images": len(paths), "failures": failures,
+                                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        os.replace(tmp, npy)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    log.info("wrote disk cache %s", npy)
+    return ImageCache(path=str(npy), description=decoder.description, key=key), failures
+
+
+# ------------------------------------------------------------------------------------------
+# cheap check for images that are not cached (augmented splits, data.cache=none)
+# ------------------------------------------------------------------------------------------
+
+def check_image(path: str) -> Optional[str]:
+    """None if ``path`` decodes, else the reason. JPEGs decode at 1/8 scale (draft mode)."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (1, 1))
+            im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        return describe_error(e)
+    return None
+
+
+def check_images(paths: Sequence[str], label: str = "split", marker_dir: str = "") -> Dict[int, str]:
+    """Test-decode every image; returns row -> reason for the bad ones.
+
+    With ``marker_dir`` (disk cache mode) the result is remembered under a key of the file
+    stats, so an unchanged split is not checked again.
+    """
+    marker = None
+    if marker_dir:
+        key = cache_key(paths, "check-images")
+        marker = _ensure_dir(marker_dir) / f"{_safe_label(label)}-{key[:20]}.checked.json"
+        meta = _read_json(marker) if marker.exists() else None
+        if meta and meta.get("key") == key:
+            return {int(k): v for k, v in meta.get("failures", {}).items()}
+    failures = run_parallel(lambda i: check_image(paths[i]), len(paths), f"checking {label} images")
+    if marker is not None:
+        _write_json_atomic(marker, {"key": key, "failures": failures})
+    return failures
