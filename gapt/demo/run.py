@@ -79,7 +79,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, tasks=TASKS, methods=M
             rows.append((task, label, res["metrics"]["test_top1"], res["tuned_params"],
                          res.get("wall_time_s", res["train_time_s"])))
             if method == "gated":
-                model = load_model(str(Path(cfg.out) / rf.TUNED), weights=cfg.weights)
+                model = load_model(str(Path(cfg.out) / rf.TUNED), weights=cfg.weights, random_seed=cfg.train.seed)
                 gate_entries.append((task, selection_ratio(model)))
     rf.write_json(root / "summary.json", summary)
     png = plot_gates(gate_entries, root / "selection_ratio.png")

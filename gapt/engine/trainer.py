@@ -61,7 +61,8 @@ def model_from_config(cfg: C.RunConfig, num_classes: int, class_names=None) -> P
         model = build_model(cfg.backbone, method=cfg.method, num_prompts=cfg.num_prompts, num_classes=num_classes,
                             gate_init=cfg.gate_init, learn_temperature=cfg.learn_temperature,
                             insert_at_block=cfg.insert_at_block, weights=cfg.weights, image_size=cfg.image_size,
-                            prompt_dropout=cfg.prompt_dropout, pooling=cfg.pooling or None, class_names=class_names)
+                            prompt_dropout=cfg.prompt_dropout, pooling=cfg.pooling or None, class_names=class_names,
+                            random_seed=cfg.train.seed)
     model.grad_checkpointing = cfg.train.grad_checkpointing
     return model
 
@@ -257,7 +258,7 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
             rf.atomic_torch_save({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
                                   "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
                                   "rng": rng_state(), "train_time_s": train_time}, out / rf.RESUME)
-            log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary(record))
+            log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary({k: v for k, v in record.items() if k != "epoch"}))
         dist.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             return {"stopped_after_epoch": epoch}

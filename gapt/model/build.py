@@ -5,7 +5,7 @@ import logging
 import warnings
 from typing import List, Optional, Union
 
-import torch.nn as nn
+import torch
 
 from .backbones import BackboneSpec, create_vit, default_pooling, resolve_spec
 from .checkpoints import convert_checkpoint, load_into_vit, read_tensor_file
@@ -15,14 +15,23 @@ log = logging.getLogger("gapt")
 
 
 def build_backbone(backbone: Union[str, BackboneSpec], weights: Optional[str] = None,
-                   image_size: Optional[int] = None):
-    """(timm ViT with weights loaded, its spec)."""
+                   image_size: Optional[int] = None, random_seed: Optional[int] = None):
+    """(timm ViT with weights loaded, its spec).
+
+    ``random_seed`` makes a random backbone (weights=None) reproducible without touching the
+    global RNG, so a run's eval/predict can rebuild exactly the backbone it trained.
+    """
     spec = backbone if isinstance(backbone, BackboneSpec) else resolve_spec(backbone)
     if weights == "timm":
         if not spec.timm_name:
             raise ValueError(f"backbone '{spec.name}' has no timm hub weights; pass a checkpoint path")
         return create_vit(spec, image_size, pretrained_timm=True), spec
-    vit = create_vit(spec, image_size)
+    if weights is None and random_seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random_seed)
+            vit = create_vit(spec, image_size)
+    else:
+        vit = create_vit(spec, image_size)
     if weights is None:
         warnings.warn(f"backbone '{spec.name}' built with random weights (weights=None)", stacklevel=3)
         return vit, spec
@@ -41,14 +50,14 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
                 num_classes: int = 1000, gate_init: float = 5.0, learn_temperature: bool = False,
                 insert_at_block: int = 1, weights: Optional[str] = None, image_size: Optional[int] = None,
                 prompt_dropout: float = 0.1, pooling: Optional[str] = None,
-                class_names: Optional[List[str]] = None) -> PromptedViT:
+                class_names: Optional[List[str]] = None, random_seed: Optional[int] = None) -> PromptedViT:
     """A frozen ViT (timm) with one transfer method and a linear head.
 
     backbone: a registered name (``gapt.model.BACKBONES``) or any timm ViT name;
     weights: a checkpoint path (MAE, MoCo v3, DINO, timm/safetensors), ``"timm"`` for hub
     weights, or None for a random backbone (warned).
     """
-    vit, spec = build_backbone(backbone, weights, image_size)
+    vit, spec = build_backbone(backbone, weights, image_size, random_seed)
     return PromptedViT(vit, method=method, num_prompts=num_prompts, num_classes=num_classes,
                        gate_init=gate_init, learn_temperature=learn_temperature,
                        insert_at_block=insert_at_block, prompt_dropout=prompt_dropout,
@@ -56,7 +65,7 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
                        class_names=class_names, image_size=image_size or vit.patch_embed.img_size[0])
 
 
-def load_model(tuned_path: str, weights: Optional[str] = None) -> PromptedViT:
+def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Optional[int] = None) -> PromptedViT:
     """Rebuild a model from a gapt tuned file's metadata, then load its tuned tensors."""
     from .tuned import read_tuned_metadata
     meta = read_tuned_metadata(tuned_path)
@@ -67,6 +76,6 @@ def load_model(tuned_path: str, weights: Optional[str] = None) -> PromptedViT:
                             num_classes=meta["num_classes"], gate_init=meta["gate_init"],
                             learn_temperature=meta["learn_temperature"], insert_at_block=meta["insert_at_block"],
                             weights=weights, image_size=meta["image_size"], prompt_dropout=meta["prompt_dropout"],
-                            pooling=meta["pooling"], class_names=meta["class_names"])
+                            pooling=meta["pooling"], class_names=meta["class_names"], random_seed=random_seed)
     model.load_tuned(tuned_path)
     return model
