@@ -430,6 +430,8 @@ def test_all_images_bad_is_an_empty_split(fgvc_root):
 def test_config_errors():
     with pytest.raises(DataError, match=r"unknown data.format 'lmdb'; valid formats: fgvc, vtab"):
         build_datasets(DataConfig(format="lmdb"), image_size=S)
+    with pytest.raises(DataError, match=r"'ade20k' is a segmentation format"):
+        build_datasets(DataConfig(format="ade20k"), image_size=S)
     with pytest.raises(DataError, match=r"data.root is empty"):
         build_datasets(DataConfig(format="vtab", name="dtd"), image_size=S)
     assert issubclass(DataError, ValueError)

@@ -1,5 +1,5 @@
 """Datasets for prompt tuning: FGVC (VPT JSON splits), VTAB-1k lists, image folders, CSV lists,
-and generated tasks, all behind one call::
+and generated ``shapes`` tasks, all behind one call::
 
     bundle = build_datasets(cfg.data, image_size=224, seed=42)
     bundle.train, bundle.val, bundle.test   # items: (float32 (3, S, S) normalised, int label)
@@ -31,7 +31,8 @@ __all__ = ["build_datasets", "DatasetBundle", "DataError", "eval_transform", "FG
 
 log = logging.getLogger("gapt.data")
 
-FORMATS = ("fgvc", "vtab", "folder", "csv", "shapes", "digits")
+FORMATS = ("fgvc", "vtab", "folder", "csv", "shapes")
+SEGMENTATION_FORMATS = ("ade20k", "seg_folder")  # read by gapt.seg.data, not here
 _CHOICES = {"cache": ("memory", "disk", "none"), "vtab_resize": ("tf_bilinear", "antialias")}
 
 
@@ -43,6 +44,9 @@ def _as_data_config(cfg_data):
 
 
 def _validate(cfg_data, image_size: int) -> None:
+    if cfg_data.format in SEGMENTATION_FORMATS:
+        raise DataError(f"data.format={cfg_data.format!r} is a segmentation format: use `gapt seg` "
+                        f"(gapt.seg.data.build_seg_datasets); classification formats: {', '.join(FORMATS)}")
     if cfg_data.format not in FORMATS:
         raise DataError(f"unknown data.format {cfg_data.format!r}; valid formats: {', '.join(FORMATS)}")
     for key, allowed in _CHOICES.items():
@@ -55,20 +59,16 @@ def _validate(cfg_data, image_size: int) -> None:
 
 
 def _generated(cfg_data, image_size: int, seed: int) -> DatasetBundle:
-    """Generated datasets live in their own modules, imported only when asked for."""
-    module = {"shapes": "synthetic", "digits": "digits"}[cfg_data.format]
+    """Generated datasets live in their own module, imported only when asked for."""
     try:
-        if module == "synthetic":
-            from .synthetic import build_synthetic_bundle as build
-        else:
-            from .digits import build_digits_bundle as build  # type: ignore[import-not-found]
+        from .synthetic import build_synthetic_bundle
     except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{module}":
+        if e.name != f"{__name__}.synthetic":
             raise
         raise DataError(f"data.format={cfg_data.format!r} is not available in this installation "
-                        f"(gapt/data/{module}.py is missing)") from e
+                        f"(gapt/data/synthetic.py is missing)") from e
     try:
-        return build(cfg_data, image_size, seed)
+        return build_synthetic_bundle(cfg_data, image_size, seed)
     except DataError:
         raise
     except ValueError as e:  # e.g. an unknown task name, reported by the generator
@@ -84,7 +84,7 @@ def build_datasets(cfg_data, image_size: int = 224, seed: int = 42) -> DatasetBu
     cfg_data = _as_data_config(cfg_data)
     _validate(cfg_data, image_size)
     fmt = cfg_data.format
-    if fmt in ("shapes", "digits"):
+    if fmt == "shapes":
         return _generated(cfg_data, image_size, seed)
     if fmt == "fgvc":
         from .fgvc import parse_fgvc

@@ -123,7 +123,7 @@ def parse_vtab(cfg_data) -> ParsedData:
     notes = []
     if files["val"] != files["train"] and set(splits["val"].paths) <= set(splits["train"].paths):
         notes.append(f"val ({files['val']}) is inside train ({files['train']}): "
-                     "val accuracy is not a held-out score (final run)")
+                     f"val accuracy is not a held-out score{' (final run)' if cfg_data.final else ''}")
     return ParsedData(
         format="vtab", name=task, root=folder, class_names=[str(i) for i in range(num_classes)],
         splits=splits, split_names={s: os.path.splitext(f)[0] for s, f in files.items()},
