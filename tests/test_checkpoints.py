@@ -211,3 +211,13 @@ def test_reference_layout_mismatch_is_explained(tmp_path):
     reference_file(tiny_model(method="vpt-deep"), tmp_path / "deep.pth", with_encoder=False)
     with pytest.raises(CheckpointError, match="holds a tuned model with method='vpt-deep'.*differs in: method"):
         tiny_model(method="gated").load_tuned(str(tmp_path / "deep.pth"))
+
+
+def test_any_timm_vit_name_and_non_vit_error(images):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model("vit_tiny_patch16_224", method="gated", num_prompts=2, num_classes=4, image_size=32)
+        assert model.backbone_name == "vit_tiny_patch16_224" and model.pooling == "cls"
+        assert model(images).shape == (3, 4)
+        with pytest.raises(ValueError, match="'resnet18' is a ResNet, not a VisionTransformer"):
+            build_model("resnet18")
