@@ -1,0 +1,257 @@
+"""`gapt analyze gates | attention | insertion` on tiny runs trained here, and the prefix cache."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_model
+from gapt.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL_RUN = ("backbone=test_mae_tiny weights=null image_size=32 num_prompts=2 train.epochs=1 train.warmup_epochs=0 "
+             "train.batch_size=32 data.num_workers=0 device=cpu data.format=shapes data.name=count "
+             "data.num_samples=64").split()
+DEPTH = 4  # test_mae_tiny
+
+
+def train_run(path, *overrides):
+    from gapt.config import load_config
+    from gapt.engine.trainer import train
+    train(load_config(None, SMALL_RUN + list(overrides) + [f"out={path}"]))
+    return str(path)
+
+
+def assert_png(path):
+    data = open(path, "rb").read()
+    assert data[:8] == PNG_MAGIC
+    with Image.open(path) as im:
+        im.verify()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    # gate_init=1 and a large lr: gates far from the default's ~0 and unequal after training
+    gated = train_run(root / "gated", "method=gated", "learn_temperature=true", "gate_init=1", "train.lr=5")
+    deep_t = train_run(root / "deep-temp", "method=vpt-deep", "learn_temperature=true")
+    at3 = train_run(root / "plain-at3", "method=vpt-at-block", "insert_at_block=3")
+    return {"gated": gated, "deep_temp": deep_t, "at3": at3}
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+# -- gates ------------------------------------------------------------------------------------
+def hand_selection_ratio(gate_logits):
+    """SPEC §2: g_l = sigmoid(gamma_l), g~_l = g_l prod_{k>l}(1 - g_k), r_l = g~_l / sum_j g~_j."""
+    g = [1.0 / (1.0 + math.exp(-x)) for x in gate_logits]
+    weights = []
+    for l in range(len(g)):
+        w = g[l]
+        for k in range(l + 1, len(g)):
+            w *= 1.0 - g[k]
+        weights.append(w)
+    keep = 1.0
+    for x in g:
+        keep *= 1.0 - x
+    return g, [w / sum(weights) for w in weights], keep
+
+
+def test_gates_numbers_table_and_png(runs, tmp_path, capsys):
+    from safetensors.torch import load_file
+    out = tmp_path / "gates"
+    assert main(["analyze", "gates", runs["gated"], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert_png(out / "gates.png")
+
+    tuned = load_file(f"{runs['gated']}/tuned.safetensors")
+    gates, ratio, keep = hand_selection_ratio(tuned["gate_logits"].tolist())
+    assert max(ratio) - min(ratio) > 1e-3  # trained gates differ, so the check below means something
+    temps = tuned["temperature"].clamp(0.01, 10).tolist()
+
+    saved = json.loads((out / "gates.json").read_text())["runs"][0]
+    assert saved["label"] == "gated"
+    assert saved["gate"] == pytest.approx(gates, rel=1e-6)
+    assert saved["selection_ratio"] == pytest.approx(ratio, rel=1e-6)
+    assert sum(saved["selection_ratio"]) == pytest.approx(1.0)
+    assert saved["inserted_prompt_weight"] == pytest.approx(keep, rel=1e-6)
+    assert saved["temperature"] == pytest.approx(temps, rel=1e-6)
+
+    table = (out / "gates.md").read_text()
+    assert table == printed
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    for l in range(DEPTH - 1):  # block, gate, r_l, temperature: 4 significant digits
+        cells = [c.strip() for c in rows[l]]
+        assert cells[0] == str(l + 1)
+        assert float(cells[1]) == pytest.approx(gates[l], rel=1e-3)
+        assert float(cells[2]) == pytest.approx(ratio[l], rel=1e-3)
+        assert float(cells[3]) == pytest.approx(temps[l], rel=1e-3)
+    assert rows[DEPTH - 1][1].strip() == "—" and float(rows[DEPTH - 1][3]) == pytest.approx(temps[-1], rel=1e-3)
+    assert float(rows[DEPTH][1]) == pytest.approx(keep, rel=1e-3)
+
+
+def test_gates_side_by_side_and_temperature_only(runs, tmp_path):
+    from gapt.protocol.analyze import analyze_gates
+    res = analyze_gates([runs["gated"], runs["deep_temp"]], tmp_path / "both")
+    assert_png(res["png"])
+    labels = [label for label, _ in res["entries"]]
+    assert labels == ["gated", "deep-temp (no gates)"]
+    deep = res["entries"][1][1]
+    assert deep["gate"] == [] and len(deep["temperature"]) == DEPTH
+    header = res["table"].splitlines()[0]
+    assert "gated r_l" in header and "deep-temp (no gates) temperature" in header
+
+
+def test_gates_errors_name_the_run(runs, tmp_path, capsys):
+    assert main(["analyze", "gates", runs["gated"], runs["at3"], "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "plain-at3" in err and "vpt-at-block" in err
+    assert main(["analyze", "gates", str(tmp_path / "nothing-here")]) == 1
+    assert "nothing-here" in capsys.readouterr().err
+
+
+def test_run_labels_disambiguate():
+    from gapt.protocol.analyze import run_labels
+    assert run_labels(["/a/x/seed0", "/a/y/seed0", "/b/z"]) == ["x/seed0", "y/seed0", "b/z"]
+
+
+# -- attention --------------------------------------------------------------------------------
+def test_attention_maps_png_npz(runs, image_file, tmp_path):
+    out = tmp_path / "att"
+    assert main(["analyze", "attention", runs["gated"], image_file, "--out", str(out)]) == 0
+    assert_png(out / "attention_scene.png")
+    z = np.load(out / "attention_scene.npz")
+    grid = tuple(z["grid"])
+    assert grid == (4, 4)
+    for who in ("tuned", "frozen"):
+        cls = z[f"{who}_cls"]
+        assert cls.shape == (DEPTH, 16)
+        assert (cls >= 0).all() and (cls.sum(1) <= 1 + 1e-6).all()
+        rest = z[f"{who}_cls_to_prefix"] + (z["tuned_cls_to_prompts"] if who == "tuned" else 0)
+        np.testing.assert_allclose(cls.sum(1) + rest, 1.0, atol=1e-5)
+        assert z[f"{who}_cls_heads"].shape == (DEPTH, 2, 16)
+        np.testing.assert_allclose(z[f"{who}_cls_heads"].mean(1), cls, atol=1e-6)
+    assert (z["tuned_cls_to_prompts"] > 0).all()  # gated: prompts in every block
+    prompts = z["tuned_prompts"]
+    assert prompts.shape == (DEPTH, 16) and np.isfinite(prompts).all() and (prompts.sum(1) <= 1 + 1e-6).all()
+    assert list(z["tuned_num_prompts"]) == [2] * DEPTH
+
+
+def test_frozen_attention_is_the_plain_backbone(runs, image_file, tmp_path):
+    """Block 1 of the frozen row, by hand: softmax(q k^T / sqrt(d)) of the backbone, CLS row, mean of heads."""
+    from gapt.data import eval_transform
+    from gapt.protocol.analyze import _load_run_for_analysis, analyze_attention
+    res = analyze_attention(runs["gated"], image_file, tmp_path / "att1", head=1)
+    cfg, model, results = _load_run_for_analysis(runs["gated"])
+    x = eval_transform(results["data"], cfg.image_size)(Image.open(image_file).convert("RGB"))[None]
+    with torch.no_grad():
+        blk = model.backbone.blocks[0]
+        h = blk.norm1(model.embed(x))
+        B, S, D = h.shape
+        q, k, _ = blk.attn.qkv(h).reshape(B, S, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        probs = (q @ k.transpose(-2, -1) * (D // 2) ** -0.5).softmax(-1)[0]  # (heads, S, S)
+    np.testing.assert_allclose(res["arrays"]["frozen_cls"][0], probs[1, 0, 1:].numpy(), atol=1e-5)
+    assert res["arrays"]["tuned_cls"].shape == (DEPTH, 16)
+
+
+def test_attention_at_block_and_bad_head(runs, image_file, tmp_path, capsys):
+    from gapt.protocol.analyze import analyze_attention
+    run = runs["at3"]
+    res = analyze_attention(run, image_file, tmp_path / "a")
+    a = res["arrays"]
+    assert list(a["tuned_num_prompts"]) == [0, 0, 2, 2]
+    assert np.isnan(a["tuned_prompts"][:2]).all() and np.isfinite(a["tuned_prompts"][2:]).all()
+    np.testing.assert_allclose(a["tuned_cls"][:2], a["frozen_cls"][:2], atol=1e-6)  # nothing tuned before k
+    assert_png(res["png"])
+    assert main(["analyze", "attention", run, image_file, "--head", "7", "--out", str(tmp_path / "b")]) == 1
+    assert "head" in capsys.readouterr().err
+
+
+# -- insertion sweep and the prefix cache -----------------------------------------------------
+@pytest.mark.parametrize("learn_temperature", [False, True])
+def test_cached_prefix_logits_equal_uncached(learn_temperature, images):
+    for k in range(1, DEPTH + 1):
+        model = tiny_model(method="vpt-at-block", insert_at_block=k, learn_temperature=learn_temperature)
+        assert model.frozen_prefix_blocks == (0 if learn_temperature else k - 1)
+        with torch.no_grad():
+            torch.testing.assert_close(model.forward_from_prefix(model.frozen_prefix(images)), model(images),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_insertion_sweep(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["analyze", "insertion", *SMALL_RUN, f"out={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert_png(out / "insertion.png")
+    summary = json.loads((out / "insertion.json").read_text())
+    rows = summary["runs"]
+    assert [r["block"] for r in rows] == list(range(1, DEPTH + 1))
+    for r in rows:
+        results = json.loads((out / f"insert_{r['block']}" / "results.json").read_text())
+        assert results["method"] == "vpt-at-block" and results["insert_at_block"] == r["block"]
+        assert r["test_top1"] == results["metrics"]["test_top1"]
+        assert r["status"] == "trained"
+        # the engine computed blocks 1..k-1 once (un-augmented data), so run k trains blocks k..L only
+        assert r["prefix_cache_blocks"] == r["block"] - 1
+    assert "| 3 |" in printed and "cached frozen blocks" in printed
+
+    # a second sweep skips finished runs and keeps what the first one saw of the cache
+    from gapt.config import load_config
+    from gapt.protocol.analyze import insertion_sweep
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+    again = insertion_sweep(load_config(None, SMALL_RUN + [f"out={out}"]), train_fn=no_training)
+    assert [r["status"] for r in again["runs"]] == ["skipped (finished)"] * DEPTH
+    assert [r["prefix_cache_blocks"] for r in again["runs"]] == [0, 1, 2, 3]
+
+    # the same folder with another config is an error naming the key
+    with pytest.raises(ValueError, match="num_prompts"):
+        insertion_sweep(load_config(None, SMALL_RUN + [f"out={out}", "num_prompts=3"]), blocks=[2])
+
+
+def test_insertion_sweep_resumes_unfinished(tmp_path):
+    from gapt.config import load_config
+    from gapt.engine.trainer import train
+    from gapt.protocol.analyze import insertion_config, insertion_sweep
+    cfg = load_config(None, SMALL_RUN + ["train.epochs=2", f"out={tmp_path / 's'}"])
+    train(insertion_config(cfg, 4), stop_after_epoch=0)  # as if killed after epoch 0
+    summary = insertion_sweep(cfg, blocks=[4])
+    (row,) = summary["runs"]
+    assert row["status"] == "resumed" and row["prefix_cache_blocks"] == 3
+    metrics = [json.loads(line) for line in (tmp_path / "s" / "insert_4" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    with pytest.raises(ValueError, match="blocks 1..4"):
+        insertion_sweep(cfg, blocks=[5])
+
+
+def test_parse_blocks():
+    from gapt.protocol.analyze import parse_blocks
+    assert parse_blocks("1,2,5") == [1, 2, 5]
+    assert parse_blocks("3-5, 1") == [1, 3, 4, 5]
+    with pytest.raises(ValueError, match="--blocks"):
+        parse_blocks("two")
+
+
+def test_frozen_counterpart_backbone():
+    """Prompt methods share the tuned model's frozen backbone; a full fine-tune gets the pretrained one rebuilt."""
+    from gapt.config import load_config
+    from gapt.protocol.analyze import _frozen_counterpart
+    cfg = load_config(None, SMALL_RUN + ["method=full"])
+    gated = tiny_model(method="gated")
+    frozen = _frozen_counterpart(cfg, gated)
+    assert frozen.backbone is gated.backbone and frozen.num_prompts == 0 and frozen.temperature is None
+    full = tiny_model(method="full")
+    frozen = _frozen_counterpart(cfg, full)
+    assert frozen.backbone is not full.backbone and frozen.method == "linear"
+    rebuilt = _frozen_counterpart(cfg, full)  # weights: null -> the backbone seeded by train.seed, every time
+    for a, b in zip(frozen.backbone.state_dict().values(), rebuilt.backbone.state_dict().values()):
+        assert torch.equal(a, b)
