@@ -278,6 +278,7 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
         "data": bundle.info, "tuned_params": model.num_tuned(), "train_time_s": train_time,
         "epochs": t.epochs, "device": str(device), "precision": "bf16" if dtype else "fp32",
         "world_size": dist.world_size(), "lr": t.lr, "weight_decay": t.weight_decay,
+        "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0,
     }
     if dist.is_main():
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
