@@ -187,6 +187,8 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
         if not resume:
             rf.check_new_run(out)
         out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # lines left by a fresh start killed before its first resume file
+            rf.atomic_write_text(out / rf.METRICS, "")
         rf.atomic_write_text(out / rf.CONFIG, C.to_yaml(cfg))
     dtype = autocast_dtype(cfg, device)
     t = cfg.train
