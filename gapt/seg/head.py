@@ -147,7 +147,10 @@ class SegmentationModel(nn.Module):
 
     def _decode(self, head: SETRPUPHead, tokens: torch.Tensor, grid: Tuple[int, int],
                 padded: Tuple[int, int], size: Tuple[int, int]) -> torch.Tensor:
-        logits = head(tokens_to_map(tokens, self.encoder.num_prefix_tokens, grid))
+        prefix, n_prompts = self.encoder.num_prefix_tokens, getattr(self.encoder, "num_prompts", 0)
+        if n_prompts and tokens.shape[1] == prefix - n_prompts + grid[0] * grid[1]:
+            prefix -= n_prompts  # a block before vpt-at-block's insertion carries no prompts yet
+        logits = head(tokens_to_map(tokens, prefix, grid))
         if tuple(logits.shape[-2:]) != padded:
             logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
         return logits[..., : size[0], : size[1]]

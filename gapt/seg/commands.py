@@ -1,0 +1,114 @@
+"""`gapt seg train | eval | predict`: semantic segmentation with a prompted frozen ViT."""
+from __future__ import annotations
+
+import json
+import sys
+
+SEG_EPILOG = ("Config keys: KEY=VALUE overrides, e.g. data.root=/data/ADEChallengeData2016 train.iterations=80000; "
+              "see `gapt keys`. Presets: gapt/configs/ade20k/{mae_vitb16,mocov3_vitb16}.yaml")
+
+
+def cmd_seg_train(args) -> int:
+    from ..config import load_config
+    from ..engine.trainer import config_for_resume
+    from .train import train_seg
+    kw = dict(multi_scale=args.multi_scale, log_every=args.log_every, save_every=args.save_every,
+              stop_after=args.stop_after)
+    if args.resume:
+        if args.config or args.overrides:
+            raise SystemExit("gapt seg train: --resume continues a run with its saved config.yaml; "
+                             "drop --config and KEY=VALUE overrides")
+        results = train_seg(config_for_resume(args.resume), resume=True, **kw)
+    else:
+        results = train_seg(load_config(args.config, args.overrides), **kw)
+    from ..engine.distributed import is_main
+    if not is_main():
+        return 0
+    if "metrics" in results:
+        m = results["metrics"]
+        ms = f", multi-scale mIoU {m['mIoU_ms']:.2f}" if m.get("mIoU_ms") is not None else ""
+        miou = f"{m['mIoU']:.2f}" if m.get("mIoU") is not None else "n/a"
+        print(f"val mIoU {miou}{ms}")
+    else:
+        print(f"stopped after iteration {results['stopped_after']}; continue with `gapt seg train --resume`")
+    return 0
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def cmd_seg_eval(args) -> int:
+    from .evaluate import eval_run
+    from ..engine.distributed import is_main
+    out = eval_run(args.run, args.split, multi_scale=args.multi_scale)
+    if not is_main():
+        return 0
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{args.run} {out['split']} ({out['images']} images): mIoU {_fmt(out['mIoU'])}  mAcc {_fmt(out['mAcc'])}  "
+          f"aAcc {_fmt(out['aAcc'])}")
+    if "mIoU_ms" in out:
+        print(f"  multi-scale + flip: mIoU {_fmt(out['mIoU_ms'])}  mAcc {_fmt(out['mAcc_ms'])}  "
+              f"aAcc {_fmt(out['aAcc_ms'])}")
+    if args.per_class:
+        for row in out["per_class"]:
+            print(f"  {row['class']:24s} IoU {_fmt(row['iou']):>6s}  Acc {_fmt(row['acc']):>6s}")
+    return 0
+
+
+def cmd_seg_predict(args) -> int:
+    from .evaluate import predict_run
+    preds = predict_run(args.run, args.images, args.out, multi_scale=args.multi_scale, alpha=args.alpha)
+    if args.json:
+        print(json.dumps(preds, indent=2))
+        return 0
+    for p in preds:
+        top = ", ".join(f"{c['class']} {c['share']:.0%}" for c in p["classes"][:5])
+        print(f"{p['image']} -> {p['mask']}, {p['overlay']}  ({top})")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Add `gapt seg ...` to the gapt command line (see gapt.cli.COMMAND_MODULES)."""
+    seg = subparsers.add_parser("seg", help="semantic segmentation (ADE20K, SETR-PUP heads): train, eval, predict",
+                                epilog=SEG_EPILOG)
+    sub = seg.add_subparsers(dest="seg_command", metavar="SEG_COMMAND")
+    seg.set_defaults(func=lambda args: (seg.print_help(), 2)[1])
+
+    t = sub.add_parser("train", help="train prompts/gates/temperatures + SETR-PUP heads (iteration-based)",
+                       epilog=SEG_EPILOG)
+    t.add_argument("--config", help="YAML config file (e.g. gapt/configs/ade20k/mae_vitb16.yaml)")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
+    t.add_argument("--multi-scale", action="store_true", help="also evaluate multi-scale + flip at the end (mIoU_ms)")
+    t.add_argument("--log-every", type=int, default=None, metavar="N",
+                   help="iterations per metrics line, besides every evaluation (default 50; a resumed run "
+                        "keeps its own)")
+    t.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="iterations per resume file, besides every evaluation and the end (default 1000)")
+    t.add_argument("--stop-after", type=int, default=None, metavar="ITER",
+                   help="save the resume state after iteration ITER and exit (continue with --resume)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    t.set_defaults(func=cmd_seg_train)
+
+    e = sub.add_parser("eval", help="mIoU / mAcc / aAcc (+ per class) of a finished run; updates results.json")
+    e.add_argument("run")
+    e.add_argument("--split", default="val", choices=["val", "train"])
+    e.add_argument("--multi-scale", action="store_true", help="also ratios 0.5-1.75 + flip (mIoU_ms)")
+    e.add_argument("--per-class", action="store_true", help="print every class's IoU and accuracy")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=cmd_seg_eval)
+
+    p = sub.add_parser("predict", help="colour-coded mask and overlay PNGs for images")
+    p.add_argument("run")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default=None, help="output folder (default RUN/predictions)")
+    p.add_argument("--multi-scale", action="store_true", help="multi-scale + flip inference")
+    p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay (default 0.5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_seg_predict)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `gapt seg ...`")
