@@ -69,8 +69,8 @@ def _is_number(x: Any) -> bool:
 
 
 def primary_metrics(benchmark: str) -> Tuple[str, ...]:
-    """The metrics reported for a benchmark: ``test_top1`` or ADE20K's mIoU (+ multi-scale)."""
-    return ADE20K_METRICS if benchmark == "ade20k" else ("test_top1",)
+    """The metrics reported for a benchmark: ``test_top1``, or mIoU (+ multi-scale) for segmentation."""
+    return ADE20K_METRICS if benchmark in ("ade20k", "seg_folder") else ("test_top1",)
 
 
 def validate_run(run: Dict[str, Any], source: str = "<run>") -> None:
