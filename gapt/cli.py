@@ -88,8 +88,27 @@ def cmd_demo(args) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------
+class KeyValueParser(argparse.ArgumentParser):
+    """Lets KEY=VALUE words follow options (`gapt train --config f a=1 --resume? b=2`).
+
+    argparse fills a ``nargs="*"`` positional from one run of words only; later KEY=VALUE words
+    come back unrecognised, and are appended here to the command's override list. Sub-commands
+    are built with the parser's own class, so every level gets this.
+    """
+    KV_DESTS = ("overrides", "items")
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        late = [a for a in extras if "=" in a and not a.startswith("-")]
+        dest = next((d for d in self.KV_DESTS if isinstance(getattr(ns, d, None), list)), None)
+        if late and dest:
+            setattr(ns, dest, getattr(ns, dest) + late)
+            extras = [a for a in extras if a not in late]
+        return ns, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gapt", description="Gated prompt tuning for frozen self-supervised ViTs.",
+    p = KeyValueParser(prog="gapt", description="Gated prompt tuning for frozen self-supervised ViTs.",
                                 epilog=EPILOG)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

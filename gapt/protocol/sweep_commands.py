@@ -97,27 +97,9 @@ def _main_wrapper(args) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets KEY=VALUE items follow options (``gapt sweep fgvc --root D k=v``): argparse fills a
-    ``nargs="*"`` positional from one run of words only and leaves later ones unrecognized."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        ns, extras = super().parse_known_args(args, namespace)
-        late = [a for a in extras if "=" in a and not a.startswith("-")]
-        if late:
-            ns.items = list(getattr(ns, "items", None) or []) + late
-            extras = [a for a in extras if not ("=" in a and not a.startswith("-"))]
-        return ns, extras
-
-
 def add_commands(subparsers) -> None:
-    parser_class = subparsers._parser_class  # add_parser builds with this class; swap it for one call
-    subparsers._parser_class = _IntermixedParser
-    try:
-        s = subparsers.add_parser("sweep", help="grid search on val, then final runs with several seeds (SPEC §6)",
-                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    finally:
-        subparsers._parser_class = parser_class
+    s = subparsers.add_parser("sweep", help="grid search on val, then final runs with several seeds (SPEC §6)",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("items", nargs="*", metavar="[fgvc|vtab] KEY=VALUE",
                    help="overrides; KEY=a,b,c sweeps KEY. A first word fgvc or vtab sweeps a whole benchmark")
     s.add_argument("--config", help="YAML config file (a preset such as gapt/configs/vtab/mae_vitb16/dtd.yaml)")
