@@ -22,7 +22,7 @@ Tasks (name -> classes):
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
@@ -49,17 +49,7 @@ _SPLITS = ("train", "val", "test")
 _DEFAULT_NUM_TRAIN = 2000
 _MIN_EVAL_SAMPLES = 50
 
-try:  # the shared bundle type; a local stand-in keeps this module usable on its own
-    from gapt.data.bundle import DatasetBundle  # type: ignore
-except ImportError:  # pragma: no cover - only while gapt.data.bundle is missing
-    @dataclass
-    class DatasetBundle:  # type: ignore[no-redef]
-        train: object
-        val: object
-        test: object
-        num_classes: int
-        class_names: List[str]
-        info: dict = field(default_factory=dict)
+from gapt.data.bundle import DatasetBundle
 
 
 # --------------------------------------------------------------------------------------
