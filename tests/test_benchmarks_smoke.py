@@ -159,7 +159,6 @@ def test_memory():
 
 
 def test_protocol():
-    pytest.importorskip("gapt.data.synthetic", reason="the generated shapes data (gapt/data/synthetic.py)")
     _ok(protocol.run(epochs=1, num_samples=20, batch=32, repeats=1, device=CPU), "protocol")
 
 
