@@ -8,6 +8,7 @@ Evaluation shards indices rank::world without padding, so every sample counts on
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import List, Sequence
 
 import torch
@@ -28,12 +29,24 @@ def is_main() -> bool:
 
 
 def init_from_env(device_kind: str) -> bool:
-    """Join the process group torchrun describes in the environment; False when not under torchrun."""
+    """Join the process group torchrun describes in the environment; True when this call created it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
-        return dist.is_available() and dist.is_initialized()
+        return False
     backend = "nccl" if device_kind == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     return True
+
+
+@contextmanager
+def process_group(device_kind: str):
+    """The torchrun process group for one run, destroyed at its end if the run created it
+    (a gloo group left alive at interpreter exit can abort the process)."""
+    created = init_from_env(device_kind)
+    try:
+        yield
+    finally:
+        if created:
+            cleanup()
 
 
 def local_rank() -> int:

@@ -177,9 +177,14 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
     ``stop_after_epoch`` ends the process's work right after that epoch's resume file is written
     (as a kill would); tests use it to check that resuming gives the uninterrupted metrics.
     """
-    from ..data import build_datasets
     device = resolve_device(cfg)
-    dist.init_from_env(device.type)
+    with dist.process_group(device.type):
+        return _train(cfg, device, resume, stop_after_epoch, prompt_initialiser)
+
+
+def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoch: Optional[int],
+           prompt_initialiser: Optional[Callable]) -> Dict:
+    from ..data import build_datasets
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out = Path(cfg.out)

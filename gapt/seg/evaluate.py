@@ -105,13 +105,18 @@ def load_seg_run(run_dir: str, weights: Optional[str] = "__config__"):
 def eval_run(run_dir: str, split: str = "val", multi_scale: bool = False) -> Dict:
     """Evaluate a finished run on a split; writes ``eval_<split>.json`` and, for val, updates
     results.json's metrics (``mIoU``, ``mAcc``, ``aAcc``; ``*_ms`` with ``multi_scale``)."""
-    from ..engine.trainer import autocast_dtype, resolve_device
-    from .train import eval_pipeline, seg_dataset
+    from ..engine.trainer import resolve_device
     if split not in ("train", "val"):
         raise ValueError(f"unknown split '{split}'; valid: train, val")
     cfg, model, results = load_seg_run(run_dir)
     device = resolve_device(cfg)
-    dist.init_from_env(device.type)
+    with dist.process_group(device.type):
+        return _eval_run(run_dir, split, multi_scale, cfg, model, results, device)
+
+
+def _eval_run(run_dir, split, multi_scale, cfg, model, results, device) -> Dict:
+    from ..engine.trainer import autocast_dtype
+    from .train import eval_pipeline, seg_dataset
     model.to(device)
     dtype = autocast_dtype(cfg, device)
     dataset = seg_dataset(cfg, split, eval_pipeline(cfg.crop_size), cfg.train.seed)

@@ -376,11 +376,16 @@ def train_seg(cfg: C.RunConfig, resume: bool = False, multi_scale: bool = False,
     ``stop_after``: write the resume file after that iteration and return, as an interruption
     would (``{"stopped_after": it}``).
     """
-    from .evaluate import evaluate_seg, write_eval_file
     check_seg_config(cfg)
-    t = cfg.train
     device = resolve_device(cfg)
-    dist.init_from_env(device.type)
+    with dist.process_group(device.type):
+        return _train_seg(cfg, device, resume, multi_scale, log_every, save_every, stop_after)
+
+
+def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale: bool, log_every: Optional[int],
+               save_every: Optional[int], stop_after: Optional[int]) -> Dict:
+    from .evaluate import evaluate_seg, write_eval_file
+    t = cfg.train
     if device.type == "cuda":
         torch.cuda.set_device(device)
     world = dist.world_size()
