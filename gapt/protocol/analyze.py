@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config as C
+from .gates_plot import save_png
 
 log = logging.getLogger("gapt")
 
@@ -255,11 +256,7 @@ def plot_attention(rows: List[Tuple[str, np.ndarray]], picture: np.ndarray, grid
                 ax.set_ylabel(name, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, format="png")
-    return out_png
+    return save_png(fig, out_png)
 
 
 def _display_picture(x: torch.Tensor) -> np.ndarray:
@@ -508,8 +505,4 @@ def plot_insertion(rows: Sequence[Dict[str, Any]], out_png: PathLike, title: str
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, format="png")
-    return out_png
+    return save_png(fig, out_png)

@@ -117,6 +117,11 @@ def plot_gates(entries: Sequence[Entry], out_png: Union[str, Path]) -> Path:
         ax.set_title("Learned attention temperature per block (1 = initial)")
         ax.legend(fontsize="small")
 
+    return save_png(fig, out_png)
+
+
+def save_png(fig, out_png) -> Path:
+    """Lay out ``fig`` and write it as a PNG, creating the folder; returns the path."""
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

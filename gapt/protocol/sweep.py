@@ -17,8 +17,8 @@ order).
 
 The run folders are the source of truth, so a killed sweep restarted with the same command
 skips finished runs (results.json), continues interrupted ones from their resume file (last.pt)
-and keeps failures (error.json) unless ``retry_failed``. Nothing here imports Ray or torch at
-import time; executors run the jobs: ``inline`` (this process), ``process`` (one subprocess per
+and keeps failures (error.json) unless ``retry_failed``. Nothing here imports Ray at import
+time; executors run the jobs: ``inline`` (this process), ``process`` (one subprocess per
 run, one GPU each, or CPU threads split between workers) and ``ray`` (:mod:`.sweep_ray`).
 """
 from __future__ import annotations
@@ -48,6 +48,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .. import config as C
+from ..engine import runfolder as rf
+from ..engine.runfolder import CONFIG as RUN_CONFIG, METRICS, RESULTS, RESUME  # noqa: F401 (sweep_ray)
 
 log = logging.getLogger("gapt.sweep")
 
@@ -56,7 +58,6 @@ TRIAL_CONFIG = "trial.yaml"
 ERROR_FILE = "error.json"
 STOPPED_FILE = "stopped.json"
 WORKER_LOG = "train.log"
-RESULTS, RESUME, METRICS, RUN_CONFIG = "results.json", "last.pt", "metrics.jsonl", "config.yaml"
 
 # SPEC §6 grids (values as strings: they are parsed like command-line overrides).
 SPEC_LR = ["0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0"]
@@ -259,9 +260,7 @@ def _read_json(path: Path) -> Optional[dict]:
 def _write_json(path: Path, obj: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    rf.write_json(path, obj)
 
 
 def write_error(folder: Path, message: str, tb: Optional[str] = None) -> None:
@@ -341,9 +340,7 @@ def prepare_folder(job: Job) -> None:
     text = C.to_yaml(job.cfg)
     path = job.folder / TRIAL_CONFIG
     if not path.exists() or path.read_text() != text:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        rf.atomic_write_text(path, text)
     for stale in (ERROR_FILE, STOPPED_FILE):
         (job.folder / stale).unlink(missing_ok=True)
     job.resume = (job.folder / RESUME).exists()
