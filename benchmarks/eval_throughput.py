@@ -24,7 +24,9 @@ NAME = "eval_throughput"
 
 def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optional[Clock] = None,
         backbone: str = "mae_vitb16", batch: Optional[int] = None, num_prompts: int = 100,
-        image_size: Optional[int] = None, repeats: Optional[int] = None, **_) -> List[Result]:
+        image_size: Optional[int] = None, repeats: Optional[int] = None, bf16: Optional[bool] = None,
+        **_) -> List[Result]:
+    """``bf16``: gapt under bf16 autocast (default: on CUDA only; the tests also run it on CPU)."""
     device = device or resolve_device()
     clock = clock or Clock("cpu", device)
     cuda = device.type == "cuda"
@@ -36,7 +38,7 @@ def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optio
     diff = check_equal(model, naive, images[:2], atol=1e-4)
     model.eval()
     naive.eval()
-    amp = torch.bfloat16 if cuda else None
+    amp = torch.bfloat16 if (cuda if bf16 is None else bf16) else None
 
     def gapt_forward():
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -47,7 +49,7 @@ def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optio
             naive(images)
 
     t = paired(naive_forward, gapt_forward, repeats, clock, warmup=2 if cuda else 1)
-    precision = "gapt bf16 autocast vs naive fp32" if cuda else "fp32"
+    precision = "gapt bf16 autocast vs naive fp32" if amp else "fp32"
     detail = (f"gapt {batch / t.candidate_s:.1f} img/s vs naive reference {batch / t.baseline_s:.1f} img/s, "
               f"inference mode, {vit_name(model)}, gated+temperature, {num_prompts} prompts, batch {batch}, "
               f"{precision}, {clock.describe()}, {t.spread()}; max |logit diff| {diff:.1e}")

@@ -112,14 +112,26 @@ def test_train_step():
         assert cuda.line() == "train_step_cuda: skipped (no CUDA device)"
 
 
+def test_accelerated_train_step_path_runs_on_cpu():
+    """The train_step_cuda code (bf16 autocast + torch.compile vs fp32 naive) end to end, on CPU: it must
+    compile (no silent eager fallback) and time both steps; the CPU ratio itself means nothing."""
+    r = train_step.run_accelerated(CPU, backbone=TINY, batch=2, num_prompts=3, repeats=1)
+    assert r.name == "train_step_cpu" and r.extra["compiled"], r.line()
+    assert r.ratio is not None and math.isfinite(r.ratio) and r.ratio > 0
+    assert "bf16 autocast + SDPA + torch.compile" in r.detail
+
+
 def test_profile_summary():
     text = train_step.profile_cpu(backbone=TINY, batch=2, num_prompts=3, rows=3)
     assert "== gapt" in text and "== naive" in text and "linear layers" in text
     assert "attention core" in train_step.attention_core_times(batch=1, tokens=10, heads=2, head_dim=4, repeats=1)
 
 
-def test_eval_throughput():
-    _ok(eval_throughput.run(backbone=TINY, batch=2, num_prompts=3, repeats=1, device=CPU), "eval_throughput")
+@pytest.mark.parametrize("bf16", [False, True])  # bf16: the CUDA path's autocast, run on CPU
+def test_eval_throughput(bf16):
+    r = _ok(eval_throughput.run(backbone=TINY, batch=2, num_prompts=3, repeats=1, device=CPU, bf16=bf16),
+            "eval_throughput")
+    assert ("bf16 autocast" in r.detail) == bf16
 
 
 def test_prefix_cache():

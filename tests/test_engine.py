@@ -132,6 +132,32 @@ def test_linear_probe_trains_on_cached_features(tmp_path, caplog):
     assert res["tuned_params"] == 32 * 6 + 6
 
 
+def _train_losses(tmp_path, name, *extra):
+    cfg = load_config(None, [*TINY, "method=gated", "learn_temperature=true", "train.epochs=2", "train.lr=0.3",
+                             "data.format=shapes", "data.name=count", "data.num_samples=48", f"out={tmp_path / name}",
+                             *extra])
+    res = train(cfg)
+    return res, [r["loss"] for r in metrics_without_timing(tmp_path / name)]
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+    """train.precision=bf16 (the GPU default) runs on CPU too: recorded, and the losses follow fp32's."""
+    fp32, fp32_losses = _train_losses(tmp_path, "fp32")
+    bf16, bf16_losses = _train_losses(tmp_path, "bf16", "train.precision=bf16")
+    assert fp32["precision"] == "fp32" and bf16["precision"] == "bf16"
+    assert bf16_losses != fp32_losses  # it really ran in bf16
+    assert bf16_losses == pytest.approx(fp32_losses, rel=0.05)
+
+
+def test_torch_compile_trains_like_eager(tmp_path):
+    """train.compile=true (inductor; a C++ compiler on CPU): same losses and metrics as eager to float tolerance."""
+    # prompt dropout off: inductor draws its random numbers differently from eager
+    eager, eager_losses = _train_losses(tmp_path, "eager", "prompt_dropout=0")
+    compiled, compiled_losses = _train_losses(tmp_path, "compiled", "prompt_dropout=0", "train.compile=true")
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
+    assert compiled["metrics"]["val_top1_best"] == eager["metrics"]["val_top1_best"]
+
+
 @pytest.mark.parametrize("mode", ["cosine", "cosine_epoch"])
 def test_schedules(mode):
     s = LRSchedule(1.0, epochs=100, warmup_epochs=10, steps_per_epoch=5, mode=mode)
