@@ -149,6 +149,17 @@ def test_save_load_tuned_round_trip(tmp_path, method, images):
     assert path.stat().st_size - header == 4 * model.num_tuned()
 
 
+def test_tuned_file_gets_the_umask_permissions(tmp_path):
+    """safetensors alone creates 0600 files; a tuned file is meant to be shared like any other."""
+    old = os.umask(0o022)
+    try:
+        tiny_model(method="gated").save_tuned(str(tmp_path / "t.safetensors"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644
+    assert not (tmp_path / "t.safetensors.tmp").exists()
+
+
 def test_load_model_rebuilds_from_file(tmp_path, images):
     sd = encoder_state()
     torch.save({"model": sd}, tmp_path / "mae.pth")

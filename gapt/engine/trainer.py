@@ -226,6 +226,8 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         train_forward = ddp_model
     if t.compile:
         train_forward = torch.compile(train_forward)
+        log.info("train.compile: the first training steps compile the model; the first epoch's images/s "
+                 "includes that time")
 
     sampler = dist.train_sampler(train_set, t.seed)
     workers = 0 if cached else cfg.data.num_workers

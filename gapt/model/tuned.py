@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -42,17 +43,26 @@ def model_identity(model) -> Dict:
     }
 
 
-def save_tuned(model, path: str, extra: Optional[dict] = None) -> None:
+def write_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Dict[str, str]) -> None:
+    """Atomic (an interrupted save never leaves half a file), with the permissions of any new file."""
     from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its files 0600: others in the group could not load them
+    tmp.replace(path)
+
+
+def save_tuned(model, path: str, extra: Optional[dict] = None) -> None:
     from .. import __version__
     tensors = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in model.tuned_parameters().items()}
     meta = {"format": FORMAT, "gapt_version": __version__, "config": json.dumps(model_identity(model))}
     if extra:
         meta["extra"] = json.dumps(extra)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: an interrupted save never leaves half a file
+    write_safetensors(tensors, path, meta)
 
 
 def read_tuned_metadata(path: str) -> Dict:

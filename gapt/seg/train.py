@@ -217,18 +217,14 @@ def seg_identity(cfg: C.RunConfig, model: SegmentationModel) -> Dict:
 
 def save_seg_tuned(path, cfg: C.RunConfig, model: SegmentationModel, extra: Optional[Dict] = None) -> None:
     """safetensors with the tuned state and, as metadata, what is needed to rebuild the model."""
-    from safetensors.torch import save_file
     from .. import __version__
+    from ..model.tuned import write_safetensors
     tensors = {k: v.contiguous() for k, v in seg_tuned_state(model).items()}
     meta = {"format": TUNED_FORMAT, "gapt_version": __version__, "config": json.dumps(seg_identity(cfg, model)),
             "backbone_checksum": backbone_checksum(model), "weights": json.dumps(cfg.weights)}
     if extra:
         meta["extra"] = json.dumps(extra)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_safetensors(tensors, path, meta)
 
 
 def read_seg_tuned(path) -> Tuple[Dict, Dict[str, torch.Tensor]]:
