@@ -172,6 +172,22 @@ def test_schedules(mode):
     assert s.lr(99, 4) < 0.002
 
 
+@pytest.mark.parametrize("setting, local_rank, expected", [("auto", "1", "cuda:1"), ("cuda", "3", "cuda:3"),
+                                                            ("cuda", None, "cuda:0"), ("cuda:2", "1", "cuda:2")])
+def test_each_torchrun_process_gets_its_own_gpu(monkeypatch, setting, local_rank, expected):
+    """No GPU here: torch.cuda is faked, to check which device each process picks and makes current."""
+    from gapt.engine.trainer import resolve_device
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(str(d)))
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    device = resolve_device(load_config(None, [f"device={setting}"]))
+    assert str(device) == expected and current == [expected]
+
+
 def test_config_validation_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"):
         load_config(None, ["train.lrr=0.1"])

@@ -32,13 +32,20 @@ class TrainingDiverged(RuntimeError):
 
 # -- set-up -----------------------------------------------------------------------------------
 def resolve_device(cfg: C.RunConfig) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+    """``auto`` and ``cuda`` mean this process's GPU: cuda:LOCAL_RANK under torchrun, else cuda:0.
+
+    The GPU is also made current, so NCCL and any kernel launched without a device land on it
+    (with several processes on one machine, an unset current device puts every rank on GPU 0).
+    """
+    kind = cfg.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind.startswith("cuda") and not torch.cuda.is_available():
         raise C.ConfigError(f"bad value for config key 'device': {cfg.device!r} but no CUDA device is available")
-    return torch.device(cfg.device)
+    device = torch.device("cuda", dist.local_rank()) if kind == "cuda" else torch.device(kind)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def autocast_dtype(cfg: C.RunConfig, device: torch.device) -> Optional[torch.dtype]:
