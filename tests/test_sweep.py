@@ -12,6 +12,8 @@ from gapt.cli import main
 from gapt.config import ConfigError
 from gapt.engine import trainer
 from gapt.protocol import sweep as S
+from gapt.protocol import sweep_grid as G
+from gapt.protocol.sweep_jobs import SweepError
 
 TESTS = Path(__file__).resolve().parent
 REAL_TRAIN = trainer.train
@@ -57,31 +59,31 @@ class CountingTrain:
 
 # -- parsing ------------------------------------------------------------------------------------
 def test_parse_lists_fixed_and_errors():
-    fixed, swept = S.parse_sweep_overrides(["train.lr=0.1,0.5,1.0", "num_prompts=5", "gate_init=1,5,10,20",
+    fixed, swept = G.parse_sweep_overrides(["train.lr=0.1,0.5,1.0", "num_prompts=5", "gate_init=1,5,10,20",
                                             r"data.root=/data/a\,b", "train.weight_decay=0,0.0"])
     assert swept == {"train.lr": ["0.1", "0.5", "1.0"], "gate_init": ["1", "5", "10", "20"]}
     # a single value, and a list whose values are all equal, are plain overrides
     assert fixed == ["num_prompts=5", "data.root=/data/a,b", "train.weight_decay=0"]
     with pytest.raises(ConfigError, match="train.lr"):
-        S.parse_sweep_overrides(["lr=0.1,0.5"])  # unknown key, with a suggestion
+        G.parse_sweep_overrides(["lr=0.1,0.5"])  # unknown key, with a suggestion
     with pytest.raises(ConfigError, match="data.final"):
-        S.parse_sweep_overrides(["data.final=true"])
+        G.parse_sweep_overrides(["data.final=true"])
     with pytest.raises(ConfigError, match="empty value"):
-        S.parse_sweep_overrides(["train.lr=0.1,"])
+        G.parse_sweep_overrides(["train.lr=0.1,"])
 
 
 def test_grids_and_names():
-    assert S.build_grid("spec", [], {}) == {"train.lr": S.SPEC_LR}
-    assert S.SPEC_LR == ["0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0"]
+    assert G.build_grid("spec", [], {}) == {"train.lr": G.SPEC_LR}
+    assert G.SPEC_LR == ["0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0"]
     # an explicit lr list replaces the default lr grid; a single lr fixes it
-    assert S.build_grid("spec", [], {"train.lr": ["0.1", "0.5"], "num_prompts": ["1", "5"]}) == \
+    assert G.build_grid("spec", [], {"train.lr": ["0.1", "0.5"], "num_prompts": ["1", "5"]}) == \
         {"train.lr": ["0.1", "0.5"], "num_prompts": ["1", "5"]}
-    assert S.build_grid("spec", ["train.lr=0.5"], {"gate_init": ["1", "5"]}) == {"gate_init": ["1", "5"]}
-    vpt = S.grid_points(S.build_grid("vpt", [], {}))
+    assert G.build_grid("spec", ["train.lr=0.5"], {"gate_init": ["1", "5"]}) == {"gate_init": ["1", "5"]}
+    vpt = G.grid_points(G.build_grid("vpt", [], {}))
     assert len(vpt) == 40 and vpt[0] == {"train.lr": "50", "train.weight_decay": "0.01"}
     assert vpt[3] == {"train.lr": "50", "train.weight_decay": "0"} and vpt[4]["train.lr"] == "25"
-    assert S.point_names([{"train.lr": "0.5", "train.weight_decay": "0"}]) == ["lr0.5_wd0"]
-    assert S.point_names([{"method": "vpt-deep", "num_prompts": "10"}]) == ["method-vpt-deep_np10"]
+    assert G.point_names([{"train.lr": "0.5", "train.weight_decay": "0"}]) == ["lr0.5_wd0"]
+    assert G.point_names([{"method": "vpt-deep", "num_prompts": "10"}]) == ["method-vpt-deep_np10"]
 
 
 def test_cli_dry_run_lists_the_grid(tmp_path, capsys):
@@ -162,7 +164,7 @@ def test_killed_sweep_resumes(tmp_path, monkeypatch):
     assert S.run_sweep(*args, seeds=1, workers=0)["final_test_top1"] == state["final_test_top1"]
     assert third.calls == []  # nothing redone, finals included
     # a restart with other settings is refused instead of mixing runs
-    with pytest.raises(S.SweepError, match="other settings"):
+    with pytest.raises(SweepError, match="other settings"):
         S.run_sweep(None, tiny(out, "train.lr=0.1,0.5,1.0", "train.epochs=3"), seeds=1, workers=0)
 
 
@@ -189,7 +191,7 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch,
     # every trial failing is an error, on the CLI too
     monkeypatch.setattr(trainer, "train", CountingTrain(REAL_TRAIN, fail_when=lambda cfg: True))
     out2 = tmp_path / "all_fail"
-    with pytest.raises(S.SweepError, match="all 2 trial"):
+    with pytest.raises(SweepError, match="all 2 trial"):
         S.run_sweep(None, tiny(out2, "train.lr=0.1,0.5"), workers=0)
     assert json.loads((out2 / "sweep.json").read_text())["status"] == "failed"
     assert main(["sweep", *tiny(tmp_path / "cli_fail"), "train.lr=0.1,0.5", "--workers", "0"]) == 1
@@ -220,7 +222,7 @@ def test_importing_sweep_does_not_import_ray():
 def test_ray_missing_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "gapt.protocol.sweep_ray", raising=False)
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    with pytest.raises(S.SweepError, match=r"pip install gapt\[ray\]"):
+    with pytest.raises(SweepError, match=r"pip install gapt\[ray\]"):
         S.run_sweep(None, tiny(tmp_path / "sw", "train.lr=0.1,0.5"), backend="ray")
 
 
@@ -258,9 +260,9 @@ def test_benchmark_runs_each_dataset_and_skips_missing(tmp_path, monkeypatch):
     calls.clear()
     S.run_benchmark("vtab", str(root), "tiny", out=str(out), presets=presets)
     assert f"data.root={root}" in calls[0][1]
-    with pytest.raises(S.SweepError, match="no fgvc dataset folder"):
+    with pytest.raises(SweepError, match="no fgvc dataset folder"):
         S.run_benchmark("fgvc", str(tmp_path / "empty"), "tiny", out=str(out), presets=presets)
-    with pytest.raises(S.SweepError, match="presets exist for"):
+    with pytest.raises(SweepError, match="presets exist for"):
         S.run_benchmark("fgvc", str(root), "no_such_backbone", presets=presets)
 
 

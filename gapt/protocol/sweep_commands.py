@@ -27,7 +27,8 @@ resume from their last.pt, failed ones are kept as failed unless --retry-failed.
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import SweepError, run_benchmark, run_sweep
+    from .sweep import run_benchmark, run_sweep
+    from .sweep_jobs import SweepError
     items = list(args.items)
     benchmark = items.pop(0) if items and items[0] in BENCHMARKS else None
     bad = [i for i in items if "=" not in i]
@@ -83,7 +84,7 @@ def _stop_on_sigterm(signum, frame):
 def _main_wrapper(args) -> int:
     import signal
     import threading
-    from .sweep import SweepError
+    from .sweep_jobs import SweepError
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)

@@ -30,7 +30,10 @@ except ImportError as e:  # the message gapt sweep shows
     raise ImportError(f"Ray Tune is not installed (pip install gapt[ray]): {e}") from e
 
 from .. import config as C
-from . import sweep as S
+from ..engine.runfolder import METRICS, RESULTS
+from .sweep_executors import OnEnd, OnStart
+from .sweep_jobs import (ERROR_FILE, STOPPED_FILE, TRIAL_CONFIG, WORKER_LOG, Job, _write_json, format_error,
+                         load_preload, localize_device, read_error, run_numbers, write_error)
 
 log = logging.getLogger("gapt.sweep")
 
@@ -54,22 +57,22 @@ def gapt_trainable(config: Dict[str, Any], specs: Dict[str, Dict[str, Any]]) -> 
     folder = Path(spec["folder"])
     if os.path.isdir(spec["cwd"]):
         os.chdir(spec["cwd"])  # relative data.root / weights mean what they meant to the driver
-    handler = logging.FileHandler(folder / S.WORKER_LOG)
+    handler = logging.FileHandler(folder / WORKER_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     gapt_log = logging.getLogger("gapt")
     gapt_log.addHandler(handler)
     gapt_log.setLevel(logging.INFO)
     try:
-        S.load_preload(spec["preload"])
+        load_preload(spec["preload"])
         import torch
         resources = ray.get_runtime_context().get_assigned_resources()
         gpu = resources.get("GPU", 0) > 0
         if not gpu:
             torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
-        cfg = C.load_config(str(folder / S.TRIAL_CONFIG))
-        cfg = S.localize_device(dataclasses.replace(cfg, out=str(folder)), gpu)
+        cfg = C.load_config(str(folder / TRIAL_CONFIG))
+        cfg = localize_device(dataclasses.replace(cfg, out=str(folder)), gpu)
     except Exception as e:
-        S.write_error(folder, S.format_error(e), traceback.format_exc())
+        write_error(folder, format_error(e), traceback.format_exc())
         raise
 
     outcome: Dict[str, Any] = {}
@@ -104,7 +107,7 @@ def gapt_trainable(config: Dict[str, Any], specs: Dict[str, Dict[str, Any]]) -> 
     gapt_log.removeHandler(handler)
     if "error" in outcome:
         e = outcome["error"]
-        S.write_error(folder, S.format_error(e), outcome["traceback"])
+        write_error(folder, format_error(e), outcome["traceback"])
         raise e
     if held is not None:
         tune.report(_report_line(held))
@@ -112,7 +115,7 @@ def gapt_trainable(config: Dict[str, Any], specs: Dict[str, Dict[str, Any]]) -> 
 
 def _read_metrics(folder: Path) -> List[Dict[str, Any]]:
     try:
-        text = (folder / S.METRICS).read_text()
+        text = (folder / METRICS).read_text()
     except OSError:
         return []
     out = []
@@ -177,7 +180,7 @@ class RayExecutor:
             return {"cpu": self.cpus_per_trial}
         return {"cpu": max(1, int(cpus // self.workers)) if self.workers else 1}
 
-    def _scheduler(self, jobs: List[S.Job]):
+    def _scheduler(self, jobs: List[Job]):
         from ray.tune.schedulers import ASHAScheduler
         epochs = min(j.cfg.train.epochs for j in jobs)
         if epochs < 2:
@@ -191,7 +194,7 @@ class RayExecutor:
         return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=grace,
                              reduction_factor=self.asha_reduction, stop_last_trials=False)
 
-    def run(self, jobs: List[S.Job], on_start: S.OnStart, on_end: S.OnEnd, early_stop: bool = False) -> None:
+    def run(self, jobs: List[Job], on_start: OnStart, on_end: OnEnd, early_stop: bool = False) -> None:
         started_here = False
         if not ray.is_initialized():
             if self.address:
@@ -205,7 +208,7 @@ class RayExecutor:
             if started_here:
                 ray.shutdown()
 
-    def _run(self, jobs: List[S.Job], on_start: S.OnStart, on_end: S.OnEnd, early_stop: bool) -> None:
+    def _run(self, jobs: List[Job], on_start: OnStart, on_end: OnEnd, early_stop: bool) -> None:
         by_name = {j.name: j for j in jobs}
         specs = {j.name: {"folder": str(j.folder.resolve()), "resume": j.resume, "cwd": os.getcwd(),
                           "preload": self.preload} for j in jobs}
@@ -221,20 +224,20 @@ class RayExecutor:
             if job is None or job.name in ended:
                 return
             ended.add(job.name)
-            if (job.folder / S.RESULTS).exists():
+            if (job.folder / RESULTS).exists():
                 on_end(job, "done", None)
             elif error is not None:
-                message = S.read_error(job.folder) or error
-                if not (job.folder / S.ERROR_FILE).exists():
-                    S.write_error(job.folder, message)
+                message = read_error(job.folder) or error
+                if not (job.folder / ERROR_FILE).exists():
+                    write_error(job.folder, message)
                 on_end(job, "failed", message)
             elif early_stop:
-                numbers = S.run_numbers(job.folder, finished=False)
-                S._write_json(job.folder / S.STOPPED_FILE, {"by": "ASHA", **numbers})
+                numbers = run_numbers(job.folder, finished=False)
+                _write_json(job.folder / STOPPED_FILE, {"by": "ASHA", **numbers})
                 on_end(job, "stopped", None)
             else:
                 message = "the trial ended without writing results.json"
-                S.write_error(job.folder, message)
+                write_error(job.folder, message)
                 on_end(job, "failed", message)
 
         key = f"{id(self)}-{time.time()}"
@@ -278,8 +281,8 @@ class RayExecutor:
             name = (result.config or {}).get("job")
             if name in by_name and name not in ended:
                 fake = type("T", (), {"config": {"job": name}})()
-                end(fake, S.format_error(result.error) if result.error else None)
+                end(fake, format_error(result.error) if result.error else None)
         for job in jobs:  # not ended: interrupted, not failed (no error.json: a restart runs it)
             if job.name not in ended:
                 ended.add(job.name)
-                on_end(job, "done" if (job.folder / S.RESULTS).exists() else "interrupted", None)
+                on_end(job, "done" if (job.folder / RESULTS).exists() else "interrupted", None)
