@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,9 +119,28 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path):
     data = make_folder_dataset(tmp_path / "colours")
     cfg = load_config(None, [*TINY, "method=vpt-shallow", "train.epochs=2", "train.warmup_epochs=0",
                              "train.lr=1e38", "data.format=folder", f"data.root={data}", f"out={tmp_path / 'run'}"])
-    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at epoch 0 step \d+; stopped"):
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at epoch 0 step \d+; stopped. No epoch had finished"):
         train(cfg)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_lazy_loss_reads_keep_metrics_and_the_failing_step(tmp_path, monkeypatch):
+    """On CUDA the loss is read on the host every few steps; the epoch's numbers and the step
+    named on divergence must not change (here forced on CPU: every 3 steps)."""
+    from gapt.engine import trainer as T
+    data = make_folder_dataset(tmp_path / "colours")
+    over = [*TINY, "method=vpt-shallow", "train.epochs=2", "train.batch_size=2", "data.format=folder",
+            f"data.root={data}"]
+    diverging = [*over, "train.warmup_epochs=0", "train.lr=1e38"]
+    runs = []
+    for interval in (1, 3):
+        monkeypatch.setattr(T, "loss_sync_interval", lambda device: interval)
+        res = train(load_config(None, over + [f"out={tmp_path / f'ok{interval}'}"]))
+        with pytest.raises(TrainingDiverged) as e:
+            train(load_config(None, diverging + [f"out={tmp_path / f'nan{interval}'}"]))
+        runs.append((res["metrics"], metrics_without_timing(tmp_path / f"ok{interval}"), str(e.value).split(".")[0]))
+    assert runs[0] == runs[1]
+    assert re.search(r"at epoch 0 step [1-9]\d*; stopped", runs[0][2])  # not the first step: a later one
 
 
 def test_linear_probe_trains_on_cached_features(tmp_path, caplog):

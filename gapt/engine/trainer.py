@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,11 @@ from .progress import Progress, summary
 from .schedule import LRSchedule
 
 log = logging.getLogger("gapt")
+
+
+def loss_sync_interval(device: torch.device) -> int:
+    """Training steps between reads of the loss on the host: each read waits for the GPU."""
+    return 16 if device.type == "cuda" else 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,10 +86,11 @@ def make_optimizer(cfg: C.RunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _loader(dataset, batch_size: int, sampler, workers: int, seed: int = 0) -> DataLoader:
+def _loader(dataset, batch_size: int, sampler, workers: int, seed: int = 0, pin: bool = False) -> DataLoader:
     g = torch.Generator().manual_seed(seed)  # worker seeds derive from it: reproducible augmentation
+    # pinned host memory lets .to(cuda, non_blocking=True) copy the next batch while the GPU computes
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=g,
-                      persistent_workers=False, pin_memory=False, drop_last=False)
+                      persistent_workers=False, pin_memory=pin, drop_last=False)
 
 
 @torch.no_grad()
@@ -107,18 +113,20 @@ def precompute_prefix(model: PromptedViT, dataset, batch_size: int, device, dtyp
 def evaluate(forward: Callable, dataset, batch_size: int, device, dtype, workers: int = 0,
              desc: str = "eval") -> Dict[str, float]:
     """Top-1 (percent) and mean loss over ``dataset``, each sample counted once across processes."""
-    loader = _loader(dataset, batch_size, dist.ShardSampler(len(dataset)), workers)
-    correct = total = loss_sum = 0.0
+    loader = _loader(dataset, batch_size, dist.ShardSampler(len(dataset)), workers, pin=device.type == "cuda")
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # correct, loss: summed on the device, no sync per batch
+    total = 0
     bar = Progress(len(loader), desc, enabled=dist.is_main())
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
+        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = forward(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        sums[0] += (logits.argmax(1) == y).sum()
+        sums[1] += F.cross_entropy(logits.float(), y, reduction="sum")
         total += y.numel()
         bar.update()
     bar.close()
+    correct, loss_sum = sums.tolist()
     correct, total, loss_sum = dist.all_sum([correct, total, loss_sum], device)
     return {"top1": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1), "count": int(total)}
 
@@ -129,22 +137,40 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
     bar = Progress(steps, f"epoch {epoch}", enabled=dist.is_main())
     loss_sum, seen, start, lr = 0.0, 0, time.time(), 0.0
+    # On CUDA the losses are read every few steps (one wait for the GPU), so the next
+    # batches are queued while it computes; the loss and step reported stay exact.
+    pending: List[Tuple[int, torch.Tensor, int, float]] = []
+    sync_every = loss_sync_interval(device)
+
+    def flush() -> None:
+        nonlocal loss_sum
+        values = torch.stack([p[1] for p in pending]).tolist()
+        for (step_i, _, n, step_lr), value in zip(pending, values):
+            if not math.isfinite(value):
+                kept = run_dir is not None and (run_dir / rf.RESUME).exists()
+                raise TrainingDiverged(f"loss is {value} at epoch {epoch} step {step_i}; stopped. " + (
+                    f"The state after the last finished epoch is kept in {run_dir / rf.RESUME}" if kept else
+                    "No epoch had finished, so there is no state to keep") + "; a lower train.lr may help")
+            loss_sum += value * n
+            bar.update(loss=value, lr=step_lr, img_s=seen * dist.world_size() / max(time.time() - start, 1e-9))
+        pending.clear()
+
     for step, (x, y) in enumerate(loader):
         if step >= steps:
             break
         lr = schedule.apply(optimizer, epoch, step)
-        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
+        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = F.cross_entropy(forward(x).float(), y)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch} step {step}; stopped. The last good "
-                                   f"state is kept" + (f" in {run_dir}/{rf.RESUME}" if run_dir else ""))
+        seen += y.numel()
+        pending.append((step, loss.detach(), y.numel(), lr))
+        if len(pending) >= sync_every:
+            flush()  # before the update: on CPU a non-finite loss never reaches the tuned tensors
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * y.numel()
-        seen += y.numel()
-        bar.update(loss=loss.item(), lr=lr, img_s=seen * dist.world_size() / max(time.time() - start, 1e-9))
+    if pending:
+        flush()
     bar.close()
     elapsed = time.time() - start
     totals = dist.all_sum([loss_sum, seen], device)
@@ -238,7 +264,7 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
 
     sampler = dist.train_sampler(train_set, t.seed)
     workers = 0 if cached else cfg.data.num_workers
-    loader = _loader(train_set, t.batch_size // dist.world_size(), sampler, workers, t.seed)
+    loader = _loader(train_set, t.batch_size // dist.world_size(), sampler, workers, t.seed, device.type == "cuda")
     steps_per_epoch = len(loader) if not t.max_steps_per_epoch else min(t.max_steps_per_epoch, len(loader))
     optimizer = make_optimizer(cfg, list(model.tuned_parameters().values()))
     schedule = LRSchedule(t.lr, t.epochs, t.warmup_epochs, steps_per_epoch, t.schedule)

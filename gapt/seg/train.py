@@ -473,20 +473,22 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
             labels = batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = seg_loss(forward(images), labels)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss.item()} at iteration {iteration}; stopped. The last good "
-                                       f"state is kept in {out / rf.RESUME}")
+            value = loss.item()  # one wait for the device per iteration (a segmentation step is long)
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"loss is {value} at iteration {iteration}; stopped. " + (
+                    f"The last saved state is kept in {out / rf.RESUME}" if (out / rf.RESUME).exists() else
+                    "No state had been saved yet") + "; a lower train.lr may help")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             iteration += 1
             now = time.time()
-            pending["loss_sum"] += loss.item()
+            pending["loss_sum"] += value
             pending["images"] += images.shape[0] * world
             pending["iters"] += 1
             pending["time"] += now - tick
             train_time += now - tick
-            bar.update(loss=loss.item(), lr=lr)
+            bar.update(loss=value, lr=lr)
             evaluate_now = iteration == t.iterations or (eval_every > 0 and iteration % eval_every == 0)
             if evaluate_now or iteration % log_every == 0:
                 loss_sum, iters = dist.all_sum([pending["loss_sum"], pending["iters"]], device)
