@@ -32,7 +32,7 @@ def loss_sync_interval(device: torch.device) -> int:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good state is kept in the run folder."""
+    """The loss became NaN/inf; the resume state of the last finished epoch, if any, stays in the run folder."""
 
 
 # -- set-up -----------------------------------------------------------------------------------
