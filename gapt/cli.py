@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 EPILOG = "Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`."
@@ -24,11 +26,27 @@ def cmd_train(args) -> int:
             raise SystemExit("gapt train: --resume continues a run with its saved config.yaml; "
                              "drop --config and KEY=VALUE overrides")
         cfg = config_for_resume(args.resume)
-        train(cfg, resume=True)
+        with resume_hint_on_interrupt(args.resume, "gapt train"):
+            train(cfg, resume=True)
         return 0
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    with resume_hint_on_interrupt(cfg.out, "gapt train"):
+        train(cfg)
     return 0
+
+
+@contextlib.contextmanager
+def resume_hint_on_interrupt(out, command: str):
+    """On Ctrl-C (or a scheduler's SIGINT), say what the run folder holds and how to continue."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        from .engine.distributed import is_main
+        from .engine.runfolder import resume_hint
+        if is_main():
+            print(f"{command}: interrupted; {resume_hint(Path(out), command)}", file=sys.stderr)
+        e.reported = True
+        raise
 
 
 def cmd_eval(args) -> int:
@@ -175,8 +193,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except errors as e:
         print(f"gapt {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"gapt {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not getattr(e, "reported", False):
+            print(f"gapt {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

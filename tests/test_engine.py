@@ -115,6 +115,29 @@ def test_resume_after_sigkill(tmp_path):
     assert full == cut
 
 
+def test_interrupt_says_what_is_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    from gapt.engine import runfolder as rf
+    from gapt.engine import trainer as T
+    run = tmp_path / "run"
+
+    def interrupted_train(cfg, resume=False, epochs_done=0):
+        if epochs_done:
+            rf.atomic_torch_save({"epoch": epochs_done - 1, "tuned": {}}, Path(cfg.out) / rf.RESUME)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "train", interrupted_train)
+    assert main(["train", *TINY, "data.format=shapes", f"out={run}"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; nothing to resume in {run}" in err and err.count("interrupted") == 1
+    run.mkdir()
+    monkeypatch.setattr(T, "train", lambda cfg, resume=False: interrupted_train(cfg, resume, epochs_done=3))
+    assert main(["train", *TINY, "data.format=shapes", f"out={run}"]) == 130
+    assert (f"the state after 3 finished epoch(s) is saved; continue with `gapt train --resume {run}`"
+            in capsys.readouterr().err)
+    rf.atomic_torch_save({"iteration": 400, "tuned": {}}, run / rf.RESUME)
+    assert rf.resume_hint(run, "gapt seg train") == (f"the state after 400 iterations is saved; continue with "
+                                                     f"`gapt seg train --resume {run}`")
+
+
 def test_nan_loss_stops_with_epoch_and_step(tmp_path):
     data = make_folder_dataset(tmp_path / "colours")
     cfg = load_config(None, [*TINY, "method=vpt-shallow", "train.epochs=2", "train.warmup_epochs=0",

@@ -62,7 +62,22 @@ def truncate_metrics(folder: Path, before_epoch: int) -> None:
     atomic_write_text(Path(folder) / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def check_new_run(folder: Path) -> None:
+def check_new_run(folder: Path, command: str = "gapt train") -> None:
     if (folder / RESUME).exists() or (folder / RESULTS).exists():
-        raise RunFolderError(f"{folder} already holds a run; continue it with `gapt train --resume {folder}` "
+        raise RunFolderError(f"{folder} already holds a run; continue it with `{command} --resume {folder}` "
                              f"or choose another out=...")
+
+
+def resume_hint(folder: Path, command: str = "gapt train") -> str:
+    """What an interrupted run has saved, and the command that continues it."""
+    path = Path(folder) / RESUME
+    if not path.exists():
+        return (f"nothing to resume in {folder}: the resume file is written when the first epoch ends; "
+                f"start the run again")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        point = (f"{state['epoch'] + 1} finished epoch(s)" if "epoch" in state else
+                 f"{state['iteration']} iterations")
+    except Exception:  # noqa: BLE001 - the hint must not hide the interruption
+        point = "the last save"
+    return f"the state after {point} is saved; continue with `{command} --resume {folder}`"

@@ -9,6 +9,7 @@ SEG_EPILOG = ("Config keys: KEY=VALUE overrides, e.g. data.root=/data/ADEChallen
 
 
 def cmd_seg_train(args) -> int:
+    from ..cli import resume_hint_on_interrupt
     from ..config import load_config
     from ..engine.trainer import config_for_resume
     from .train import train_seg
@@ -18,9 +19,12 @@ def cmd_seg_train(args) -> int:
         if args.config or args.overrides:
             raise SystemExit("gapt seg train: --resume continues a run with its saved config.yaml; "
                              "drop --config and KEY=VALUE overrides")
-        results = train_seg(config_for_resume(args.resume), resume=True, **kw)
+        with resume_hint_on_interrupt(args.resume, "gapt seg train"):
+            results = train_seg(config_for_resume(args.resume), resume=True, **kw)
     else:
-        results = train_seg(load_config(args.config, args.overrides), **kw)
+        cfg = load_config(args.config, args.overrides)
+        with resume_hint_on_interrupt(cfg.out, "gapt seg train"):
+            results = train_seg(cfg, **kw)
     from ..engine.distributed import is_main
     if not is_main():
         return 0

@@ -391,7 +391,7 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
     out = Path(cfg.out)
     if dist.is_main():
         if not resume:
-            rf.check_new_run(out)
+            rf.check_new_run(out, "gapt seg train")
         out.mkdir(parents=True, exist_ok=True)
         if not resume:  # a fresh start killed before its first resume file may have left lines
             rf.atomic_write_text(out / rf.METRICS, "")
