@@ -295,6 +295,42 @@ def test_ddp_gloo_two_processes_match_one(tmp_path):
     assert va == vb
 
 
+DDP_NAN_SCRIPT = r"""
+import os, sys
+import torch.nn.functional as F
+from gapt.config import load_config
+from gapt.engine.trainer import TrainingDiverged, train
+if os.environ["RANK"] == "1":  # only this process sees a non-finite loss, at its third training step
+    real, calls = F.cross_entropy, []
+    def cross_entropy(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        return out * float("nan") if len(calls) == 3 else out
+    F.cross_entropy = cross_entropy
+try:
+    train(load_config(None, sys.argv[2:] + ["out=" + sys.argv[1]]))
+except TrainingDiverged as e:
+    print("rank", os.environ["RANK"], "diverged:", e, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_ddp_divergence_in_one_process_stops_all_at_the_same_step(tmp_path):
+    over = ["backbone=mae_vit_micro", "weights=null", "image_size=32", "num_prompts=2", "method=gated",
+            "data.format=shapes", "data.name=count", "data.num_samples=64", "data.num_workers=0", "device=cpu",
+            "train.batch_size=16", "train.epochs=2", "train.warmup_epochs=1", "train.lr=0.3"]
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(DDP_NAN_SCRIPT)
+    logs = tmp_path / "logs"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29518", "--log-dir", str(logs), "--tee", "3", str(script), str(tmp_path / "run"), *over],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "rank 1 diverged: loss is nan at epoch 0 step 2; stopped" in out, out[-3000:]
+    assert "rank 0 diverged: the loss is not finite in another process at epoch 0 step 2; stopped" in out, out[-3000:]
+
+
 def test_distributed_eval_counts_each_sample_once(tmp_path):
     """7 samples over 2 processes: shards 4 + 3, no padding."""
     from gapt.engine.distributed import ShardSampler

@@ -145,10 +145,14 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
     def flush() -> None:
         nonlocal loss_sum
         values = torch.stack([p[1] for p in pending]).tolist()
-        for (step_i, _, n, step_lr), value in zip(pending, values):
-            if not math.isfinite(value):
+        bad = [0.0 if math.isfinite(v) else 1.0 for v in values]
+        if dist.world_size() > 1:  # every process stops at the same step, none waits in a collective
+            bad = dist.all_sum(bad, device)
+        for (step_i, _, n, step_lr), value, bad_here in zip(pending, values, bad):
+            if bad_here:
                 kept = run_dir is not None and (run_dir / rf.RESUME).exists()
-                raise TrainingDiverged(f"loss is {value} at epoch {epoch} step {step_i}; stopped. " + (
+                what = f"loss is {value}" if not math.isfinite(value) else "the loss is not finite in another process"
+                raise TrainingDiverged(f"{what} at epoch {epoch} step {step_i}; stopped. " + (
                     f"The state after the last finished epoch is kept in {run_dir / rf.RESUME}" if kept else
                     "No epoch had finished, so there is no state to keep") + "; a lower train.lr may help")
             loss_sum += value * n
