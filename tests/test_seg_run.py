@@ -2,6 +2,9 @@
 and a tiny ADE20K-layout fixture (48x40 images). The heads are narrowed from SETR's 256 channels
 to 16 (``gapt.seg.train.HEAD_CHANNELS``) so the whole file runs in well under a minute on 2 cores."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -312,3 +315,46 @@ def test_every_method_segments(method, extra):
     state = seg_train.seg_tuned_state(model)
     assert not any(k.startswith("encoder.head") for k in state)
     assert {k[len("encoder."):] for k in state if k.startswith("encoder.")} == set(tuned)
+
+
+DDP_SEG_SCRIPT = r"""
+import os, sys
+import gapt.seg.train as T
+from gapt.config import load_config
+from gapt.engine.trainer import TrainingDiverged
+nan_at = int(sys.argv[2])
+if os.environ["RANK"] == "1" and nan_at >= 0:  # only this process sees a non-finite loss
+    real, calls = T.seg_loss, []
+    def seg_loss(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        return out * float("nan") if len(calls) == nan_at + 1 else out
+    T.seg_loss = seg_loss
+try:
+    print("results", T.train_seg(load_config(None, sys.argv[3:] + ["out=" + sys.argv[1]])), flush=True)
+except TrainingDiverged as e:
+    print("rank", os.environ["RANK"], "diverged:", e, flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("nan_at", [-1, 2])
+def test_ddp_two_processes(tmp_path, nan_at):
+    """torchrun with 2 gloo processes: a run finishes with every val image counted once; a non-finite loss
+    in one process stops both at the same iteration."""
+    root = write_ade(tmp_path / "ade", n_train=4, n_val=3)
+    script = tmp_path / "ddp_seg.py"
+    script.write_text(DDP_SEG_SCRIPT)
+    over = [o for o in overrides(root, tmp_path / "unused", backbone="mae_vit_micro") if not o.startswith("out=")]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29519", str(script), str(tmp_path / "run"), str(nan_at), *over],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    out = r.stdout + r.stderr
+    if nan_at < 0:
+        assert r.returncode == 0, out[-3000:]
+        results = json.loads((tmp_path / "run" / "results.json").read_text())
+        assert results["world_size"] == 2 and results["metrics"]["mIoU"] is not None
+    else:
+        assert r.returncode != 0
+        assert "rank 1 diverged: loss is nan at iteration 2; stopped" in out, out[-3000:]
+        assert "rank 0 diverged: the loss is not finite in another process at iteration 2" in out, out[-3000:]

@@ -474,8 +474,12 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = seg_loss(forward(images), labels)
             value = loss.item()  # one wait for the device per iteration (a segmentation step is long)
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"loss is {value} at iteration {iteration}; stopped. " + (
+            bad = not math.isfinite(value)
+            if world > 1:  # every process stops at the same iteration, none waits in a collective
+                bad = dist.all_sum([float(bad)], device)[0] > 0
+            if bad:
+                what = f"loss is {value}" if not math.isfinite(value) else "the loss is not finite in another process"
+                raise TrainingDiverged(f"{what} at iteration {iteration}; stopped. " + (
                     f"The last saved state is kept in {out / rf.RESUME}" if (out / rf.RESUME).exists() else
                     "No state had been saved yet") + "; a lower train.lr may help")
             optimizer.zero_grad(set_to_none=True)
