@@ -59,7 +59,7 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from .engine.inference import predict
-    preds = predict(args.run, args.images, args.top_k)
+    preds = predict(args.run, args.images, args.top_k, args.batch_size)
     if args.json:
         print(json.dumps(preds, indent=2))
         return 0
@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="class probabilities for images with a finished run")
     pr.add_argument("run")
-    pr.add_argument("images", nargs="+")
+    pr.add_argument("images", nargs="+", help="image files, or folders (every image inside, recursively)")
     pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.set_defaults(func=cmd_predict)
 

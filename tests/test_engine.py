@@ -70,6 +70,20 @@ def test_cli_train_eval_predict_cycle(tmp_path, capsys):
     top = pred[0]["top"]
     assert len(top) == 2 and {t["class"] for t in top} <= {"red", "green", "blue"}
     assert top[0]["probability"] >= top[1]["probability"] and sum(t["probability"] for t in top) <= 1 + 1e-6
+    # a folder means every image in it; batches of 5 give the same answers as one at a time
+    assert main(["predict", str(run), str(data / "green"), str(img), "--batch-size", "5", "--json"]) == 0
+    many = json.loads(capsys.readouterr().out)
+    greens = sorted(str(p) for p in (data / "green").iterdir())
+    assert [p["image"] for p in many] == greens + [str(img)]
+    for p in many[:3]:
+        assert main(["predict", str(run), p["image"], "--json"]) == 0
+        single = json.loads(capsys.readouterr().out)[0]["top"]
+        assert [t["class"] for t in single] == [t["class"] for t in p["top"]]
+        assert [t["probability"] for t in single] == pytest.approx([t["probability"] for t in p["top"]], abs=1e-5)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(run), str(empty)]) == 1
+    assert f"no images in folder {empty}" in capsys.readouterr().err
     # a second train into the same folder is refused, not silently overwritten
     assert main(["train", *TINY, "data.format=folder", f"data.root={data}", f"out={run}"]) == 1
     assert "already holds a run" in capsys.readouterr().err

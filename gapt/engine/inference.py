@@ -39,27 +39,54 @@ def eval_run(run_dir: str, split: str = "test") -> Dict:
     return {"run": str(run_dir), "split": split, "top1": out["top1"], "loss": out["loss"], "count": out["count"]}
 
 
+def expand_images(paths: List[str]) -> List[Path]:
+    """Image files as given, and every image under a given folder (recursive, sorted)."""
+    from ..data import IMAGE_EXTENSIONS
+    out: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)
+                           and not f.name.startswith("."))
+            if not found:
+                raise FileNotFoundError(f"no images in folder {p} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"image not found: {p}")
+    return out
+
+
 @torch.no_grad()
-def predict(run_dir: str, images: List[str], top_k: int = 5) -> List[Dict]:
+def predict(run_dir: str, images: List[str], top_k: int = 5, batch_size: int = 32) -> List[Dict]:
+    """Top-k classes per image (files or folders of images), in batches, with the run's precision."""
     from PIL import Image
     from ..data import eval_transform
+    from .progress import Progress
     cfg, model, results = load_run(run_dir)
+    files = expand_images(images)  # every path checked before the first forward
     info = results.get("data") or {"format": cfg.data.format, "name": cfg.data.name}
     transform = eval_transform(info, cfg.image_size)
     device = resolve_device(cfg)
+    dtype = autocast_dtype(cfg, device)
     model.to(device)
     out = []
-    for path in images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        try:
-            img = Image.open(path).convert("RGB")
-        except Exception as e:
-            raise ValueError(f"cannot read image {path}: {e}") from None
-        probs = model(transform(img)[None].to(device)).float().softmax(-1)[0].cpu()
-        k = min(top_k, probs.numel())
-        top = probs.topk(k)
-        out.append({"image": str(path), "top": [
-            {"class": model.class_names[i], "index": int(i), "probability": float(p)}
-            for p, i in zip(top.values.tolist(), top.indices.tolist())]})
+    bar = Progress((len(files) + batch_size - 1) // batch_size, "predict", enabled=len(files) > batch_size)
+    for first in range(0, len(files), batch_size):
+        chunk = files[first:first + batch_size]
+        tensors = []
+        for path in chunk:
+            try:
+                tensors.append(transform(Image.open(path).convert("RGB")))
+            except Exception as e:
+                raise ValueError(f"cannot read image {path}: {e}") from None
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(torch.stack(tensors).to(device))
+        top = logits.float().softmax(-1).cpu().topk(min(top_k, logits.shape[-1]))
+        for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            out.append({"image": str(path), "top": [
+                {"class": model.class_names[i], "index": int(i), "probability": float(p)}
+                for p, i in zip(values, indices)]})
+        bar.update()
+    bar.close()
     return out
