@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,7 +105,6 @@ def test_recipe_values():
 
 @pytest.mark.parametrize("name", ["mae_vitb16", "mocov3_vitb16"])
 def test_presets_follow_spec(name):
-    from pathlib import Path
     import gapt
     cfg = load_config(str(Path(gapt.__file__).parent / "configs" / "ade20k" / f"{name}.yaml"))
     t = cfg.train
@@ -173,6 +173,12 @@ def test_predict_writes_masks_and_overlays(trained_run, ade_root, tmp_path, caps
     assert overlay.mode == "RGB" and overlay.size == (W, H)
     assert np.array(mask).max() < 150
     assert main(["seg", "predict", str(trained_run), str(tmp_path / "missing.jpg")]) == 1
+    # a folder: every image in it
+    assert main(["seg", "predict", str(trained_run), str(ade_root / "images" / "validation"), "--out",
+                 str(tmp_path / "all"), "--json"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert [Path(p["image"]).name for p in preds] == sorted(
+        f.name for f in (ade_root / "images" / "validation").iterdir())
 
 
 def test_report_shows_paper_number(trained_run, tmp_path, capsys):

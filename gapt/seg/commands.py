@@ -106,7 +106,7 @@ def add_commands(subparsers) -> None:
 
     p = sub.add_parser("predict", help="colour-coded mask and overlay PNGs for images")
     p.add_argument("run")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, or folders (every image inside, recursively)")
     p.add_argument("--out", default=None, help="output folder (default RUN/predictions)")
     p.add_argument("--multi-scale", action="store_true", help="multi-scale + flip inference")
     p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay (default 0.5)")

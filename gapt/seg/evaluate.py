@@ -143,11 +143,15 @@ def _eval_run(run_dir, split, multi_scale, cfg, model, results, device) -> Dict:
 def predict_run(run_dir: str, images: List[str], out_dir: Optional[str] = None, multi_scale: bool = False,
                 alpha: float = 0.5) -> List[Dict]:
     """Colour-coded masks (``<stem>_mask.png``, palette PNG whose values are the class indices)
-    and overlays (``<stem>_overlay.png``) for image files; default folder ``<run>/predictions``."""
+    and overlays (``<stem>_overlay.png``) for image files or folders of images; default folder
+    ``<run>/predictions``."""
     from ..engine.trainer import autocast_dtype, resolve_device
     from .data import load_image
     from .train import eval_pipeline
+    from ..engine.inference import expand_images
+    from ..engine.progress import Progress
     cfg, model, _ = load_seg_run(run_dir)
+    files = expand_images(images)  # every path checked before the first forward
     device = resolve_device(cfg)
     model.to(device)
     dtype = autocast_dtype(cfg, device)
@@ -155,9 +159,8 @@ def predict_run(run_dir: str, images: List[str], out_dir: Optional[str] = None, 
     out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     done, stems = [], set()
-    for path in images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image not found: {path}")
+    bar = Progress(len(files), "seg predict", enabled=len(files) > 1)
+    for path in files:
         rgb = load_image(path)
         tensor, _ = pipe(rgb, np.zeros(rgb.shape[:2], dtype=np.uint8))
         scores = predict_logits(model, tensor[None], rgb.shape[:2], cfg.crop_size, device, dtype, multi_scale)
@@ -172,4 +175,6 @@ def predict_run(run_dir: str, images: List[str], out_dir: Optional[str] = None, 
         present = [{"class": model.class_names[i], "index": int(i), "share": float(counts[i] / mask.size)}
                    for i in np.argsort(-counts) if counts[i] > 0]
         done.append({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path), "classes": present})
+        bar.update()
+    bar.close()
     return done
