@@ -128,7 +128,9 @@ class KeyValueParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = KeyValueParser(prog="gapt", description="Gated prompt tuning for frozen self-supervised ViTs.",
                                 epilog=EPILOG)
+    from . import __version__
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"gapt {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train one run (YAML config + KEY=VALUE overrides)", epilog=EPILOG)
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="the paper's story on a shipped MAE-pretrained micro ViT, offline, minutes on CPU")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", default="runs/demo", help="folder for the runs and the summary (default: runs/demo)")
     d.add_argument("--quick", action="store_true", help="a smaller, faster version (used by the tests)")
     d.set_defaults(func=cmd_demo)
 

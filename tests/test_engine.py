@@ -245,6 +245,13 @@ def test_each_torchrun_process_gets_its_own_gpu(monkeypatch, setting, local_rank
     assert str(device) == expected and current == [expected]
 
 
+def test_version(capsys):
+    import gapt
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"gapt {gapt.__version__}"
+
+
 def test_config_validation_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"):
         load_config(None, ["train.lrr=0.1"])
