@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from typing import List, Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -30,19 +30,30 @@ NAME = "prefix_cache"
 
 
 def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optional[Clock] = None,
-        backbone: str = "mae_vitb16", insert_at_block: int = 7, num_prompts: int = 10,
-        num_images: Optional[int] = None, batch: Optional[int] = None, image_size: Optional[int] = None,
-        repeats: Optional[int] = None, **_) -> List[Result]:
+        backbone: str = "mae_vitb16", insert_at_block: Union[int, Sequence[int], None] = None,
+        num_prompts: int = 10, num_images: Optional[int] = None, batch: Optional[int] = None,
+        image_size: Optional[int] = None, repeats: Optional[int] = None, **_) -> List[Result]:
+    """One line per insertion block: k = 7 (``prefix_cache``), and in the full run also k = 4 and
+    10 (``prefix_cache_k4``, ``prefix_cache_k10``): the target moves with k faster than the cache's
+    ideal does, so one k alone would say little."""
+    ks = insert_at_block if insert_at_block is not None else ((7,) if quick else (7, 4, 10))
+    ks = [ks] if isinstance(ks, int) else list(ks)
+    device = device or resolve_device()
+    clock = clock or Clock("cpu", device)
+    return [run_one(k, i == 0, quick, device, clock, backbone, num_prompts, num_images, batch, image_size, repeats)
+            for i, k in enumerate(ks)]
+
+
+def run_one(k: int, main_line: bool, quick: bool, device: torch.device, clock: Clock, backbone: str,
+            num_prompts: int, num_images: Optional[int], batch: Optional[int], image_size: Optional[int],
+            repeats: Optional[int]) -> Result:
     from gapt.engine.schedule import LRSchedule
     from gapt.engine.trainer import evaluate, precompute_prefix, train_one_epoch
 
-    device = device or resolve_device()
-    clock = clock or Clock("cpu", device)
     cuda = device.type == "cuda"
     batch = batch or (64 if cuda else 2)
     num_images = num_images or (4 * batch if cuda else (2 if quick else 16))
     repeats = repeats or (3 if quick else 5)
-    k = insert_at_block
     model = build(backbone, method="vpt-at-block", insert_at_block=k, num_prompts=num_prompts, num_classes=10,
                   image_size=image_size).to(device)
     L = model.depth
@@ -97,11 +108,13 @@ def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optio
               f"{clock.describe()}: {t.baseline_s:.2f}s -> {t.candidate_s:.2f}s per epoch, {t.spread()}; "
               f"ideal (skip exactly the prefix forward) {ideal:.2f}x; val epochs {v.ratio:.2f}x; "
               f"cache build {build_s:.2f}s = {build_s / max(t.baseline_s, 1e-12):.2f} epochs")
-    return [Result(NAME, t.ratio, detail, target, extra={"timing": t, "val": v, "ideal": ideal, "build_s": build_s})]
+    return Result(NAME if main_line else f"{NAME}_k{k}", t.ratio, detail, target,
+                  extra={"timing": t, "val": v, "ideal": ideal, "build_s": build_s})
 
 
 def _args(p):
-    p.add_argument("--insert-at-block", type=int, default=7)
+    p.add_argument("--insert-at-block", type=int, nargs="+", default=None,
+                   help="insertion block(s) k; default 7 (--quick) or 7 4 10")
     p.add_argument("--num-prompts", type=int, default=10)
     p.add_argument("--num-images", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)

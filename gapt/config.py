@@ -34,6 +34,7 @@ class DataConfig:
     csv_val: str = ""
     csv_test: str = ""
     cache: str = "memory"           # un-augmented splits: memory | disk | none
+    cache_augmented: bool = False   # also cache augmented train splits (resized, before the random crop)
     cache_dir: str = ""             # disk cache location ("" = <root>/.gapt_cache)
     vtab_resize: str = "tf_bilinear"  # tf_bilinear (reference, no antialias) | antialias
     skip_bad_images: bool = False

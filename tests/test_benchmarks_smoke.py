@@ -135,9 +135,11 @@ def test_eval_throughput(bf16):
 
 
 def test_prefix_cache():
-    r = _ok(prefix_cache.run(backbone=TINY, insert_at_block=3, num_prompts=2, num_images=4, batch=2, repeats=1,
-                             device=CPU), "prefix_cache")
+    results = prefix_cache.run(backbone=TINY, insert_at_block=[3, 2], num_prompts=2, num_images=4, batch=2,
+                               repeats=1, device=CPU)
+    r = _ok(results, "prefix_cache")
     assert r.target == pytest.approx(4 / (4 - 3 + 1) * 0.8)
+    assert results[1].name == "prefix_cache_k2" and results[1].target == pytest.approx(4 / (4 - 2 + 1) * 0.8)
 
 
 def test_linear_probe_cache():

@@ -470,6 +470,62 @@ def test_cached_items_equal_uncached(vtab_root, fgvc_root, tmp_path):
     assert len(list((fgvc_root / ".gapt_cache").glob("*.npy"))) == 2
 
 
+@pytest.fixture
+def fgvc_ragged_root(tmp_path):
+    """FGVC layout with landscape, portrait and square images of different sizes."""
+    root = tmp_path / "ragged"
+    sizes = [(40, 30), (30, 50), (64, 36), (36, 36), (100, 41), (37, 90)]
+    splits = {"train": {}, "val": {}, "test": {}}
+    for n, size in enumerate(sizes * 2):
+        rel = f"c{n % 3}/img_{n:03d}.jpg"
+        write_image(str(root / rel), seed=n, size=size)
+        splits["train"][rel] = n % 3
+    for split in ("val", "test"):
+        splits[split] = dict(list(splits["train"].items())[:3])
+    for split, d in splits.items():
+        (root / f"{split}.json").write_text(json.dumps(d))
+    return root
+
+
+def _epoch(ds, seed):
+    torch.manual_seed(seed)  # the random crop and flip draw from torch's generator
+    return _items(ds)
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_augmented_cache_gives_the_same_epochs(fgvc_ragged_root, tmp_path, mode):
+    """data.cache_augmented=true: the resized images are cached, the random crop and flip are not;
+    every epoch equals decoding the files (same pixels, same draws)."""
+    c = dict(format="fgvc", root=str(fgvc_ragged_root), cache_dir=str(tmp_path / "c"))
+    plain = build_datasets(cfg(**c, cache=mode), image_size=S)
+    cached = build_datasets(cfg(**c, cache=mode, cache_augmented=True), image_size=S)
+    assert plain.train.cache is None and cached.train.cache.mode == mode and cached.train.augmented
+    assert cached.info["cache_augmented"] and not plain.info["cache_augmented"]
+    shapes = {tuple(cached.train.cache[i].shape) for i in range(len(cached.train))}
+    assert (36, 48, 3) in shapes and (60, 36, 3) in shapes and (36, 36, 3) in shapes  # shorter side 36
+    for seed in (0, 1):
+        a, b = _epoch(plain.train, seed), _epoch(cached.train, seed)
+        assert _same(a, b)
+    assert not _same(_epoch(cached.train, 0), _epoch(cached.train, 1))  # still random per epoch
+    w = pickle.loads(pickle.dumps(cached.train))  # what a DataLoader worker gets
+    assert (w.cache._buffer is None) == (mode == "disk")  # a memmap is reopened, never pickled
+    assert _same(_epoch(w, 2), _epoch(plain.train, 2))
+    if mode == "disk":
+        again = build_datasets(cfg(**c, cache=mode, cache_augmented=True), image_size=S)
+        assert again.train.cache.path == cached.train.cache.path
+        assert _same(_epoch(again.train, 3), _epoch(plain.train, 3))
+
+
+def test_augmented_cache_bad_images(fgvc_ragged_root, tmp_path):
+    bad = fgvc_ragged_root / "c1" / "img_001.jpg"
+    bad.write_bytes(b"not a jpeg")
+    c = dict(format="fgvc", root=str(fgvc_ragged_root), cache="memory", cache_augmented=True)
+    with pytest.raises(DataError, match=r"cannot read image .*img_001\.jpg \(listed at .*train\.json"):
+        build_datasets(cfg(**c), image_size=S)
+    b = build_datasets(cfg(**c, skip_bad_images=True), image_size=S)
+    assert len(b.train) == 11 and all(x.shape == (3, S, S) for x, _ in _items(b.train))
+
+
 def test_eval_transform_from_minimal_info():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
     assert eval_transform({"format": "fgvc"}, S).kind == "center_crop"

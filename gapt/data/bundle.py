@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
-from .cache import build_image_cache, check_images, default_cache_dir
+from .cache import build_image_cache, build_resized_cache, check_images, default_cache_dir
 from .dataset import ImageListDataset
 from .errors import DataError
 from .transforms import NORMALISATION, FixedSizeDecoder, TrainAugment
@@ -104,7 +104,9 @@ def assemble(parsed: ParsedData, cfg_data, image_size: int) -> DatasetBundle:
         label = f"{parsed.format}-{parsed.name or 'data'}-{split}-{os.path.splitext(sl.source)[0]}"
         augmented = split == "train" and augment is not None
         cache = None
-        if augmented or cache_mode == "none":
+        if augmented and cache_mode != "none" and cfg_data.cache_augmented:
+            cache, failures = build_resized_cache(sl.paths, augment, cache_mode, cache_dir, label)
+        elif augmented or cache_mode == "none":
             failures = check_images(sl.paths, label, marker_dir=cache_dir if cache_mode == "disk" else "")
         else:
             cache, failures = build_image_cache(sl.paths, decoder, cache_mode, cache_dir, label)
@@ -117,7 +119,8 @@ def assemble(parsed: ParsedData, cfg_data, image_size: int) -> DatasetBundle:
             raise DataError(f"the {split} split ({sl.source}) of {parsed.root} has no readable images")
         kept = sl.subset(keep)
         if augmented:
-            ds = ImageListDataset(kept.paths, kept.labels, parsed.class_names, augment=augment, split=split)
+            ds = ImageListDataset(kept.paths, kept.labels, parsed.class_names, augment=augment, cache=cache,
+                                  rows=keep if cache is not None else None, split=split)
         else:
             ds = ImageListDataset(kept.paths, kept.labels, parsed.class_names, decoder=decoder,
                                   cache=cache, rows=keep if cache is not None else None, split=split)
@@ -148,6 +151,7 @@ def assemble(parsed: ParsedData, cfg_data, image_size: int) -> DatasetBundle:
         "eval_resize": parsed.eval_kind,
         "train_augmented": parsed.train_augmented,
         "cache": cache_mode,
+        "cache_augmented": bool(cfg_data.cache_augmented and parsed.train_augmented and cache_mode != "none"),
         "notes": list(parsed.notes),
     }
     if total_skipped:

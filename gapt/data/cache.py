@@ -266,6 +266,128 @@ def build_image_cache(paths: Sequence[str], decoder, mode: str, cache_dir: str =
 
 
 # ------------------------------------------------------------------------------------------
+# augmented splits: the resized images before the random crop, of varying sizes
+# ------------------------------------------------------------------------------------------
+
+class RaggedImageCache:
+    """uint8 images of varying (H, W, 3) in one flat buffer (memory, or a read-only memmap);
+    row i is ``buffer[offsets[i]:offsets[i + 1]]`` reshaped to ``shapes[i]``."""
+
+    def __init__(self, shapes: np.ndarray, buffer: Optional[np.ndarray] = None, path: Optional[str] = None,
+                 description: str = "", key: str = ""):
+        self.shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 3)
+        self.offsets = np.concatenate([[0], np.cumsum(self.shapes.prod(axis=1))])
+        self._buffer = buffer
+        self.path = path
+        self.description = description
+        self.key = key
+
+    @property
+    def mode(self) -> str:
+        return "disk" if self.path else "memory"
+
+    @property
+    def buffer(self) -> np.ndarray:
+        if self._buffer is None:  # a worker process after unpickling, or first access
+            self._buffer = np.load(self.path, mmap_mode="r")
+        return self._buffer
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.buffer[self.offsets[row]:self.offsets[row + 1]].reshape(self.shapes[row])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.path:  # never pickle a memmap's contents into DataLoader workers
+            state["_buffer"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+def _resized_shapes(paths: Sequence[str], augment) -> "tuple[np.ndarray, Dict[int, str]]":
+    """Each image's size after the resize, from its header alone (no decoding)."""
+    shapes = np.zeros((len(paths), 3), dtype=np.int64)
+
+    def work(i: int) -> Optional[str]:
+        try:
+            with Image.open(paths[i]) as im:
+                shapes[i] = augment.resized_shape(*im.size)
+        except Exception as e:  # noqa: BLE001 - unreadable header: a bad image
+            return describe_error(e)
+        return None
+    failures = run_parallel(work, len(paths), "reading image sizes")
+    shapes[list(failures)] = 0
+    return shapes, failures
+
+
+def _fill_ragged(cache: RaggedImageCache, buffer: np.ndarray, paths: Sequence[str], augment,
+                 failures: Dict[int, str], desc: str) -> Dict[int, str]:
+    def work(i: int) -> Optional[str]:
+        if i in failures:
+            return failures[i]
+        try:
+            img = augment.load_resized_uint8(paths[i])
+            if img.shape != tuple(cache.shapes[i]):
+                return f"decoded to {img.shape}, but its header promised {tuple(cache.shapes[i])}"
+            buffer[cache.offsets[i]:cache.offsets[i + 1]] = img.reshape(-1)
+        except Exception as e:  # noqa: BLE001 - any decoder failure marks the image bad
+            return describe_error(e)
+        return None
+    return run_parallel(work, len(paths), desc)
+
+
+def build_resized_cache(paths: Sequence[str], augment, mode: str, cache_dir: str = "",
+                        label: str = "split") -> "tuple[RaggedImageCache, Dict[int, str]]":
+    """Decode and resize every image of an augmented split once (``augment.load_resized_uint8``);
+    the random crop and flip are still drawn per access. Returns (cache, failures)."""
+    description = f"{augment.description} (cached before the random crop)"
+    if mode not in ("memory", "disk"):
+        raise ValueError(f"unknown cache mode {mode!r}")
+    key = cache_key(paths, description)
+    desc = f"caching {label} ({augment.description}, resized before the random crop)"
+    if mode == "disk":
+        folder = _ensure_dir(cache_dir)
+        stem = f"{_safe_label(label)}-{key[:20]}"
+        npy, meta_path = folder / f"{stem}.npy", folder / f"{stem}.json"
+        meta = _read_json(meta_path) if npy.exists() else None
+        if meta and meta.get("key") == key:
+            try:
+                cache = RaggedImageCache(np.asarray(meta["shapes"]), path=str(npy), description=description, key=key)
+                if cache.buffer.shape == (cache.offsets[-1],) and cache.buffer.dtype == np.uint8:
+                    log.info("using disk cache %s", npy)
+                    return cache, {int(k): v for k, v in meta.get("failures", {}).items()}
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable: rebuild below
+    shapes, failures = _resized_shapes(paths, augment)
+    cache = RaggedImageCache(shapes, description=description, key=key)
+    total = int(cache.offsets[-1])
+    if mode == "memory":
+        _warn_if_large(total, label)
+        cache._buffer = np.empty(total, dtype=np.uint8)
+        return cache, _fill_ragged(cache, cache._buffer, paths, augment, failures, desc)
+    tmp = npy.with_name(f"{npy.name}.{uuid.uuid4().hex}.tmp.npy")
+    try:
+        buffer = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total,))
+        failures = _fill_ragged(cache, buffer, paths, augment, failures, desc)
+        buffer.flush()
+        del buffer
+        _write_json_atomic(meta_path, {"key": key, "shapes": shapes.tolist(), "transform": description,
+                                       "num_images": len(paths), "failures": failures,
+                                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        os.replace(tmp, npy)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    log.info("wrote disk cache %s", npy)
+    cache.path = str(npy)
+    return cache, failures
+
+
+# ------------------------------------------------------------------------------------------
 # cheap check for images that are not cached (augmented splits, data.cache=none)
 # ------------------------------------------------------------------------------------------
 

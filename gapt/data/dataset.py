@@ -13,9 +13,10 @@ from .transforms import FixedSizeDecoder, TrainAugment, load_rgb, to_normalised_
 class ImageListDataset(Dataset):
     """Items are ``(float32 (3, S, S) ImageNet-normalised tensor, int label)``.
 
-    Exactly one of ``augment`` (random training transform, decoded per access) and
-    ``decoder`` (deterministic transform) is given. With a ``cache`` the decoder's uint8
-    output is read from it (``rows[i]`` is item i's row) instead of decoding the file.
+    Exactly one of ``augment`` (random training transform) and ``decoder`` (deterministic
+    transform) is given. With a ``cache`` the deterministic part's uint8 output is read from
+    it (``rows[i]`` is item i's row) instead of decoding the file: the decoder's whole output,
+    or the augmentation's resized image, to which the random crop and flip are then applied.
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *,
@@ -26,8 +27,8 @@ class ImageListDataset(Dataset):
             raise ValueError("give exactly one of augment and decoder")
         if len(paths) != len(labels):
             raise ValueError("paths and labels differ in length")
-        if cache is not None and (decoder is None or rows is None or len(rows) != len(paths)):
-            raise ValueError("a cache needs a decoder and one row per item")
+        if cache is not None and (rows is None or len(rows) != len(paths)):
+            raise ValueError("a cache needs one row per item")
         self.paths: List[str] = list(paths)
         self.labels: List[int] = [int(y) for y in labels]
         self.classes: List[str] = list(class_names)
@@ -52,7 +53,10 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int):
         label = self.labels[index]
         if self.cache is not None:
-            return to_normalised_tensor(self.cache[self.rows[index]]), label
+            row = self.cache[self.rows[index]]
+            if self.augment is not None:
+                return self.augment.from_resized(row), label
+            return to_normalised_tensor(row), label
         path = self.paths[index]
         try:
             if self.augment is not None:

@@ -162,22 +162,39 @@ class FixedSizeDecoder:
 
 
 class TrainAugment:
-    """FGVC-style training augmentation: Resize(S*8/7) -> RandomCrop(S) -> flip -> normalise."""
+    """FGVC-style training augmentation: Resize(S*8/7) -> RandomCrop(S) -> flip -> normalise.
+
+    The resize is deterministic, so a cache can hold its uint8 output (``load_resized_uint8``)
+    and ``from_resized`` applies only the random part: the same pixels and the same random
+    draws as decoding the file every epoch.
+    """
 
     def __init__(self, image_size: int):
         import torchvision.transforms as T
         self.image_size = int(image_size)
-        self._pil = T.Compose([T.Resize(resize_dim(self.image_size)),
-                               T.RandomCrop(self.image_size),
-                               T.RandomHorizontalFlip(0.5)])
+        self._resize = T.Resize(resize_dim(self.image_size))
+        self._random = T.Compose([T.RandomCrop(self.image_size), T.RandomHorizontalFlip(0.5)])
 
     @property
     def description(self) -> str:
         s = self.image_size
         return f"resize {resize_dim(s)} + random crop {s} + horizontal flip"
 
+    def resized_shape(self, width: int, height: int) -> Tuple[int, int, int]:
+        """(H, W, 3) after the resize of a width x height image (torchvision's rule for an int size)."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = resize_dim(self.image_size), int(resize_dim(self.image_size) * long / short)
+        return (new_long, new_short, 3) if width <= height else (new_short, new_long, 3)
+
+    def load_resized_uint8(self, path: str) -> np.ndarray:
+        return np.asarray(self._resize(load_rgb(path)), dtype=np.uint8)
+
+    def from_resized(self, array: np.ndarray) -> torch.Tensor:
+        out = self._random(Image.fromarray(np.ascontiguousarray(array)))
+        return to_normalised_tensor(np.asarray(out, dtype=np.uint8))
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        out = self._pil(img.convert("RGB"))
+        out = self._random(self._resize(img.convert("RGB")))
         return to_normalised_tensor(np.asarray(out, dtype=np.uint8))
 
     def __repr__(self) -> str:
