@@ -27,8 +27,8 @@ import torch
 
 from benchmarks._common import Result, arg_parser, resolve_device, setup
 
-BENCHMARKS = ("train_step", "eval_throughput", "prefix_cache", "linear_probe_cache", "vtab_data_path", "memory",
-              "protocol")
+BENCHMARKS = ("train_step", "eval_throughput", "prefix_cache", "linear_probe_cache", "vtab_data_path",
+              "fgvc_data_path", "memory", "protocol")
 
 
 def run_all(names=BENCHMARKS, quick: bool = False, device: Optional[torch.device] = None, clock=None,

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import (eval_throughput, linear_probe_cache, memory, prefix_cache, protocol,  # noqa: E402
-                        run_all, train_step, vtab_data_path)
+from benchmarks import (eval_throughput, fgvc_data_path, linear_probe_cache, memory, prefix_cache,  # noqa: E402
+                        protocol, run_all, train_step, vtab_data_path)
 from benchmarks._common import Clock, Result, paired  # noqa: E402
 from benchmarks.naive_reference import NaiveGatedViT, check_equal  # noqa: E402
 
@@ -154,6 +154,10 @@ def test_vtab_data_path(tmp_path):
     assert (Path(task) / "images" / "test" / "000009.jpg").is_file()
     r = _ok(vtab_data_path.run(num_images=10, image_size=32, size=(64, 48), batch=4, repeats=1), "vtab_data_path")
     assert r.target == vtab_data_path.TARGET
+
+
+def test_fgvc_data_path():
+    _ok(fgvc_data_path.run(num_images=8, image_size=32, batch=4, repeats=1), "fgvc_data_path")
 
 
 def test_memory_tracker_counts_live_storages():
