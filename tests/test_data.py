@@ -459,7 +459,7 @@ def test_cached_items_equal_uncached(vtab_root, fgvc_root, tmp_path):
         ref = _items(getattr(plain, split))
         assert _same(ref, _items(getattr(mem, split)))
         assert _same(ref, _items(getattr(disk, split)))
-    # FGVC: eval splits cached, the augmented train split never is
+    # FGVC: eval splits cached, the augmented train split not by default (data.cache_augmented)
     f = build_datasets(cfg(format="fgvc", root=str(fgvc_root), cache="memory"), image_size=S)
     g = build_datasets(cfg(format="fgvc", root=str(fgvc_root), cache="none"), image_size=S)
     assert f.train.cache is None and f.val.cache is not None
