@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -44,15 +43,13 @@ def model_identity(model) -> Dict:
 
 
 def write_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Dict[str, str]) -> None:
-    """Atomic (an interrupted save never leaves half a file), with the permissions of any new file."""
-    from safetensors.torch import save_file
+    """Atomic (an interrupted save never leaves half a file), with the permissions of any new file
+    (safetensors' own ``save_file`` makes files 0600, which others in a group could not load)."""
+    from safetensors.torch import save
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its files 0600: others in the group could not load them
+    tmp.write_bytes(save(tensors, metadata=metadata))  # tuned files are small: kilobytes to megabytes
     tmp.replace(path)
 
 
