@@ -80,6 +80,15 @@ def test_cli_train_eval_predict_cycle(tmp_path, capsys):
         single = json.loads(capsys.readouterr().out)[0]["top"]
         assert [t["class"] for t in single] == [t["class"] for t in p["top"]]
         assert [t["probability"] for t in single] == pytest.approx([t["probability"] for t in p["top"]], abs=1e-5)
+    # a run moved to another machine: the dataset elsewhere, the device given
+    moved = data.rename(tmp_path / "moved")
+    assert main(["eval", str(run), "--json"]) == 1
+    assert "colours" in capsys.readouterr().err  # names the missing folder
+    assert main(["eval", str(run), "--json", "--data-root", str(moved), "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(m["test_top1"])
+    assert main(["predict", str(run), str(moved / "green"), "--device", "cpu", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == len(greens)
+    data = moved
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["predict", str(run), str(empty)]) == 1

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -12,22 +12,26 @@ from . import runfolder as rf
 from .trainer import autocast_dtype, evaluate, resolve_device
 
 
-def load_run(run_dir: str):
-    """(config, model with its best-val tuned state, results.json or {})."""
+def load_run(run_dir: str, overrides: Sequence[str] = ()):
+    """(config, model with its best-val tuned state, results.json or {}).
+
+    ``overrides`` (``KEY=VALUE``) change the saved config for this use only, e.g. ``device=cpu``
+    or ``data.root=...`` for a run moved to another machine.
+    """
     run = Path(run_dir)
     if not (run / rf.CONFIG).exists():
         raise rf.RunFolderError(f"{run_dir} is not a gapt run folder (no {rf.CONFIG})")
     if not (run / rf.TUNED).exists():
         raise rf.RunFolderError(f"{run_dir} has no {rf.TUNED} yet (is the run finished?)")
-    cfg = C.load_config(str(run / rf.CONFIG))
+    cfg = C.load_config(str(run / rf.CONFIG), list(overrides))
     model = load_model(str(run / rf.TUNED), weights=cfg.weights, random_seed=cfg.train.seed)
     results = rf.read_json(run / rf.RESULTS) if (run / rf.RESULTS).exists() else {}
     return cfg, model.eval(), results
 
 
-def eval_run(run_dir: str, split: str = "test") -> Dict:
+def eval_run(run_dir: str, split: str = "test", overrides: Sequence[str] = ()) -> Dict:
     from ..data import build_datasets
-    cfg, model, _ = load_run(run_dir)
+    cfg, model, _ = load_run(run_dir, overrides)
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split '{split}'; valid: train, val, test")
     device = resolve_device(cfg)
@@ -58,12 +62,13 @@ def expand_images(paths: List[str]) -> List[Path]:
 
 
 @torch.no_grad()
-def predict(run_dir: str, images: List[str], top_k: int = 5, batch_size: int = 32) -> List[Dict]:
+def predict(run_dir: str, images: List[str], top_k: int = 5, batch_size: int = 32,
+            overrides: Sequence[str] = ()) -> List[Dict]:
     """Top-k classes per image (files or folders of images), in batches, with the run's precision."""
     from PIL import Image
     from ..data import eval_transform
     from .progress import Progress
-    cfg, model, results = load_run(run_dir)
+    cfg, model, results = load_run(run_dir, overrides)
     files = expand_images(images)  # every path checked before the first forward
     info = results.get("data") or {"format": cfg.data.format, "name": cfg.data.name}
     transform = eval_transform(info, cfg.image_size)
