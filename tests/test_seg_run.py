@@ -157,6 +157,17 @@ def test_eval_reproduces_training_metrics(trained_run, capsys):
     assert set(after) == set(before)
     saved = json.loads((trained_run / "eval_val.json").read_text())
     assert set(saved) >= {"split", "single_scale", "multi_scale"}
+
+
+def test_eval_with_the_dataset_elsewhere(trained_run, ade_root, tmp_path, capsys):
+    import shutil
+    moved = shutil.copytree(ade_root, tmp_path / "ade_moved")
+    before = json.loads((trained_run / "results.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert main(["seg", "eval", str(trained_run), "--data-root", str(moved), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mIoU"] == pytest.approx(before["mIoU"])
+    assert main(["seg", "eval", str(trained_run), "--data-root", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
     assert main(["seg", "eval", str(trained_run)]) == 0
     assert "mIoU" in capsys.readouterr().out
 

@@ -45,7 +45,8 @@ def _fmt(x) -> str:
 def cmd_seg_eval(args) -> int:
     from .evaluate import eval_run
     from ..engine.distributed import is_main
-    out = eval_run(args.run, args.split, multi_scale=args.multi_scale)
+    from ..cli import _run_overrides
+    out = eval_run(args.run, args.split, multi_scale=args.multi_scale, overrides=_run_overrides(args))
     if not is_main():
         return 0
     if args.json:
@@ -64,7 +65,9 @@ def cmd_seg_eval(args) -> int:
 
 def cmd_seg_predict(args) -> int:
     from .evaluate import predict_run
-    preds = predict_run(args.run, args.images, args.out, multi_scale=args.multi_scale, alpha=args.alpha)
+    from ..cli import _run_overrides
+    preds = predict_run(args.run, args.images, args.out, multi_scale=args.multi_scale, alpha=args.alpha,
+                        overrides=_run_overrides(args))
     if args.json:
         print(json.dumps(preds, indent=2))
         return 0
@@ -102,6 +105,8 @@ def add_commands(subparsers) -> None:
     e.add_argument("--multi-scale", action="store_true", help="also ratios 0.5-1.75 + flip (mIoU_ms)")
     e.add_argument("--per-class", action="store_true", help="print every class's IoU and accuracy")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--device", help="instead of the run's (auto | cpu | cuda | cuda:N)")
+    e.add_argument("--data-root", help="the dataset's folder, if it moved since training")
     e.set_defaults(func=cmd_seg_eval)
 
     p = sub.add_parser("predict", help="colour-coded mask and overlay PNGs for images")
@@ -111,6 +116,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--multi-scale", action="store_true", help="multi-scale + flip inference")
     p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay (default 0.5)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", help="instead of the run's (auto | cpu | cuda | cuda:N)")
     p.set_defaults(func=cmd_seg_predict)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -87,8 +87,9 @@ def write_eval_file(run_dir, split: str, single: SegMetrics, multi: Optional[Seg
 
 
 # -- run folders ----------------------------------------------------------------------------------
-def load_seg_run(run_dir: str, weights: Optional[str] = "__config__"):
-    """(config, segmentation model with the run's tuned state, results.json or {})."""
+def load_seg_run(run_dir: str, weights: Optional[str] = "__config__", overrides: Sequence[str] = ()):
+    """(config, segmentation model with the run's tuned state, results.json or {}); ``overrides``
+    (``KEY=VALUE``, e.g. ``device=cpu``, ``data.root=...``) change the saved config for this use."""
     from .train import load_seg_model
     run = Path(run_dir)
     if not (run / rf.CONFIG).exists():
@@ -96,19 +97,19 @@ def load_seg_run(run_dir: str, weights: Optional[str] = "__config__"):
     if not (run / rf.TUNED).exists():
         raise rf.RunFolderError(f"{run_dir} has no {rf.TUNED} yet (is the run finished? continue it with "
                                 f"`gapt seg train --resume {run_dir}`)")
-    cfg = C.load_config(str(run / rf.CONFIG))
+    cfg = C.load_config(str(run / rf.CONFIG), list(overrides))
     model, _ = load_seg_model(run / rf.TUNED, cfg, cfg.weights if weights == "__config__" else weights)
     results = rf.read_json(run / rf.RESULTS) if (run / rf.RESULTS).exists() else {}
     return cfg, model, results
 
 
-def eval_run(run_dir: str, split: str = "val", multi_scale: bool = False) -> Dict:
+def eval_run(run_dir: str, split: str = "val", multi_scale: bool = False, overrides: Sequence[str] = ()) -> Dict:
     """Evaluate a finished run on a split; writes ``eval_<split>.json`` and, for val, updates
     results.json's metrics (``mIoU``, ``mAcc``, ``aAcc``; ``*_ms`` with ``multi_scale``)."""
     from ..engine.trainer import resolve_device
     if split not in ("train", "val"):
         raise ValueError(f"unknown split '{split}'; valid: train, val")
-    cfg, model, results = load_seg_run(run_dir)
+    cfg, model, results = load_seg_run(run_dir, overrides=overrides)
     device = resolve_device(cfg)
     with dist.process_group(device.type):
         return _eval_run(run_dir, split, multi_scale, cfg, model, results, device)
@@ -141,7 +142,7 @@ def _eval_run(run_dir, split, multi_scale, cfg, model, results, device) -> Dict:
 
 @torch.no_grad()
 def predict_run(run_dir: str, images: List[str], out_dir: Optional[str] = None, multi_scale: bool = False,
-                alpha: float = 0.5) -> List[Dict]:
+                alpha: float = 0.5, overrides: Sequence[str] = ()) -> List[Dict]:
     """Colour-coded masks (``<stem>_mask.png``, palette PNG whose values are the class indices)
     and overlays (``<stem>_overlay.png``) for image files or folders of images; default folder
     ``<run>/predictions``."""
@@ -150,7 +151,7 @@ def predict_run(run_dir: str, images: List[str], out_dir: Optional[str] = None, 
     from .train import eval_pipeline
     from ..engine.inference import expand_images
     from ..engine.progress import Progress
-    cfg, model, _ = load_seg_run(run_dir)
+    cfg, model, _ = load_seg_run(run_dir, overrides=overrides)
     files = expand_images(images)  # every path checked before the first forward
     device = resolve_device(cfg)
     model.to(device)
