@@ -208,9 +208,12 @@ def attention_core_times(batch: int = 2, tokens: int = 297, heads: int = 12, hea
 def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optional[Clock] = None,
         backbone: str = "mae_vitb16", batch: Optional[int] = None, num_prompts: int = 100,
         image_size: Optional[int] = None, repeats: Optional[int] = None, cuda: bool = True,
-        **_) -> List[Result]:
+        accelerated: bool = False, compile_model: bool = True, **_) -> List[Result]:
     """``--device cuda`` runs only the CUDA line (the CPU fp32 step would take minutes there and
     its figure comes from the CPU machine); on CPU both lines, the CUDA one skipped without a GPU."""
+    if accelerated:
+        return [run_accelerated(device or torch.device("cpu"), backbone, batch or (2 if quick else 8), num_prompts,
+                                image_size, repeats or 2, compile_model)]
     results = []
     if device is None or device.type == "cpu":
         results.append(run_cpu(backbone, batch or (2 if quick else 16), num_prompts, image_size,
@@ -226,6 +229,10 @@ def _args(p):
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="print torch.profiler top ops of a CPU step and exit")
+    p.add_argument("--accelerated", action="store_true",
+                   help="only the bf16 + torch.compile recipe of train_step_cuda, on --device (CPU included)")
+    p.add_argument("--no-compile", dest="compile_model", action="store_false",
+                   help="with --accelerated: bf16 autocast without torch.compile")
 
 
 if __name__ == "__main__":
