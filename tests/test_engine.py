@@ -138,6 +138,25 @@ def test_resume_after_sigkill(tmp_path):
     assert full == cut
 
 
+def test_test_split_runs_once_when_the_last_epoch_is_the_best(tmp_path, monkeypatch):
+    from gapt.engine import trainer as T
+    calls = []
+    real = T.evaluate
+
+    def counting(forward, dataset, *a, **k):
+        calls.append(a[-1] if len(a) >= 5 else k.get("desc"))
+        return real(forward, dataset, *a, **k)
+    monkeypatch.setattr(T, "evaluate", counting)
+    over = [*TINY, "method=vpt-shallow", "data.format=shapes", "data.name=count", "data.num_samples=48"]
+    one = train(load_config(None, over + ["train.epochs=1", f"out={tmp_path / 'one'}"]))
+    assert [c for c in calls if c.startswith("test")] == ["test (last)"]
+    assert one["metrics"]["test_top1"] == one["metrics"]["test_top1_last"]
+    calls.clear()  # lr ~0: val cannot rise, so epoch 0 stays the best and the last state is another one
+    two = train(load_config(None, over + ["train.epochs=2", "train.lr=1e-12", f"out={tmp_path / 'two'}"]))
+    assert [c for c in calls if c.startswith("test")] == ["test (last)", "test (best val)"]
+    assert two["metrics"]["best_epoch"] == 0
+
+
 def test_interrupt_says_what_is_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):
     from gapt.engine import runfolder as rf
     from gapt.engine import trainer as T

@@ -309,11 +309,15 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             return {"stopped_after_epoch": epoch}
 
-    # Test once: on the best-val state (what the run reports) and on the last state.
+    # Test once: on the best-val state (what the run reports) and on the last state, which
+    # are one state when the last epoch was the best (then test runs once).
     last_state = tuned_state(model)
     test_last = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (last)")
-    set_tuned_state(model, best["state"])
-    test_best = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (best val)")
+    if best["epoch"] == t.epochs - 1:
+        test_best = test_last
+    else:
+        set_tuned_state(model, best["state"])
+        test_best = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (best val)")
     results = {
         "backbone": cfg.backbone, "method": cfg.method, "learn_temperature": cfg.learn_temperature,
         "num_prompts": model.num_prompts, "prompt_init": cfg.prompt_init, "gate_init": cfg.gate_init,
