@@ -508,7 +508,7 @@ def test_augmented_cache_gives_the_same_epochs(fgvc_ragged_root, tmp_path, mode)
         assert _same(a, b)
     assert not _same(_epoch(cached.train, 0), _epoch(cached.train, 1))  # still random per epoch
     w = pickle.loads(pickle.dumps(cached.train))  # what a DataLoader worker gets
-    assert (w.cache._buffer is None) == (mode == "disk")  # a memmap is reopened, never pickled
+    assert (w.cache._data is None) == (mode == "disk")  # a memmap is reopened, never pickled
     assert _same(_epoch(w, 2), _epoch(plain.train, 2))
     if mode == "disk":
         again = build_datasets(cfg(**c, cache=mode, cache_augmented=True), image_size=S)
@@ -564,7 +564,7 @@ def test_default_disk_cache_location_and_workers(vtab_root):
     b = build_datasets(c, image_size=S)
     assert b.test.cache.path.startswith(str(vtab_root / "dtd" / ".gapt_cache"))
     clone = pickle.loads(pickle.dumps(b.test))  # what a spawned DataLoader worker receives
-    assert clone.cache._array is None and _same(_items(clone), _items(b.test))
+    assert clone.cache._data is None and _same(_items(clone), _items(b.test))
     loader = torch.utils.data.DataLoader(b.test, batch_size=2, num_workers=2)
     xs = torch.cat([x for x, _ in loader])
     assert torch.equal(xs, torch.stack([x for x, _ in _items(b.test)]))

@@ -159,12 +159,13 @@ def _read_json(path: Path):
 # the cache itself
 # ------------------------------------------------------------------------------------------
 
-class ImageCache:
-    """Rows of uint8 (S, S, 3) images, held in memory or as a lazily opened read-only memmap."""
+class _StoredArray:
+    """A uint8 array held in memory, or a ``.npy`` file opened lazily as a read-only memmap
+    (a DataLoader worker reopens the file; its contents are never pickled)."""
 
-    def __init__(self, array: Optional[np.ndarray] = None, path: Optional[str] = None,
+    def __init__(self, data: Optional[np.ndarray] = None, path: Optional[str] = None,
                  description: str = "", key: str = ""):
-        self._array = array
+        self._data = data
         self.path = path
         self.description = description
         self.key = key
@@ -174,25 +175,33 @@ class ImageCache:
         return "disk" if self.path else "memory"
 
     @property
-    def array(self) -> np.ndarray:
-        if self._array is None:  # a worker process after unpickling, or first access
-            self._array = np.load(self.path, mmap_mode="r")
-        return self._array
-
-    def __len__(self) -> int:
-        return int(self.array.shape[0])
-
-    def __getitem__(self, row: int) -> np.ndarray:
-        return self.array[row]
+    def data(self) -> np.ndarray:
+        if self._data is None:  # a worker process after unpickling, or first access
+            self._data = np.load(self.path, mmap_mode="r")
+        return self._data
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        if self.path:  # never pickle a memmap's contents into DataLoader workers
-            state["_array"] = None
+        if self.path:
+            state["_data"] = None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+
+
+class ImageCache(_StoredArray):
+    """Rows of uint8 (S, S, 3) images."""
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.data
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.data[row]
 
 
 def _decode_into(array: np.ndarray, paths: Sequence[str], decode: Callable[[str], np.ndarray],
@@ -215,6 +224,25 @@ def _warn_if_large(nbytes: int, what: str) -> None:
     if nbytes > 0.5 * physical:
         log.warning("the memory cache for %s needs %.1f GB (machine: %.1f GB); "
                     "consider data.cache=disk", what, nbytes / 1e9, physical / 1e9)
+
+
+def _write_npy(npy: Path, meta_path: Path, shape, fill: Callable[[np.ndarray], Dict[int, str]],
+               meta: dict) -> Dict[int, str]:
+    """Fill a new uint8 ``.npy`` memmap of ``shape`` under a temporary name, write its metadata
+    (with the failures ``fill`` returns), then rename it into place: never half a cache."""
+    tmp = npy.with_name(f"{npy.name}.{uuid.uuid4().hex}.tmp.npy")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        failures = fill(array)
+        array.flush()
+        del array
+        _write_json_atomic(meta_path, {**meta, "failures": failures, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        os.replace(tmp, npy)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    log.info("wrote disk cache %s", npy)
+    return failures
 
 
 def build_image_cache(paths: Sequence[str], decoder, mode: str, cache_dir: str = "",
@@ -248,20 +276,9 @@ def build_image_cache(paths: Sequence[str], decoder, mode: str, cache_dir: str =
                 return ImageCache(path=str(npy), description=decoder.description, key=key), failures
         except (OSError, ValueError):
             pass  # unreadable: rebuild below
-    tmp = npy.with_name(f"{npy.name}.{uuid.uuid4().hex}.tmp.npy")
-    try:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        failures = _decode_into(array, paths, decoder.load_uint8, desc)
-        array.flush()
-        del array
-        _write_json_atomic(meta_path, {"key": key, "shape": list(shape), "transform": decoder.description,
-                                       "num_images": len(paths), "failures": failures,
-                                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-        os.replace(tmp, npy)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    log.info("wrote disk cache %s", npy)
+    failures = _write_npy(npy, meta_path, shape, lambda array: _decode_into(array, paths, decoder.load_uint8, desc),
+                          {"key": key, "shape": list(shape), "transform": decoder.description,
+                           "num_images": len(paths)})
     return ImageCache(path=str(npy), description=decoder.description, key=key), failures
 
 
@@ -269,43 +286,25 @@ def build_image_cache(paths: Sequence[str], decoder, mode: str, cache_dir: str =
 # augmented splits: the resized images before the random crop, of varying sizes
 # ------------------------------------------------------------------------------------------
 
-class RaggedImageCache:
-    """uint8 images of varying (H, W, 3) in one flat buffer (memory, or a read-only memmap);
-    row i is ``buffer[offsets[i]:offsets[i + 1]]`` reshaped to ``shapes[i]``."""
+class RaggedImageCache(_StoredArray):
+    """uint8 images of varying (H, W, 3) in one flat buffer; row i is
+    ``buffer[offsets[i]:offsets[i + 1]]`` reshaped to ``shapes[i]``."""
 
     def __init__(self, shapes: np.ndarray, buffer: Optional[np.ndarray] = None, path: Optional[str] = None,
                  description: str = "", key: str = ""):
+        super().__init__(buffer, path, description, key)
         self.shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 3)
         self.offsets = np.concatenate([[0], np.cumsum(self.shapes.prod(axis=1))])
-        self._buffer = buffer
-        self.path = path
-        self.description = description
-        self.key = key
-
-    @property
-    def mode(self) -> str:
-        return "disk" if self.path else "memory"
 
     @property
     def buffer(self) -> np.ndarray:
-        if self._buffer is None:  # a worker process after unpickling, or first access
-            self._buffer = np.load(self.path, mmap_mode="r")
-        return self._buffer
+        return self.data
 
     def __len__(self) -> int:
         return len(self.shapes)
 
     def __getitem__(self, row: int) -> np.ndarray:
-        return self.buffer[self.offsets[row]:self.offsets[row + 1]].reshape(self.shapes[row])
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if self.path:  # never pickle a memmap's contents into DataLoader workers
-            state["_buffer"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
+        return self.data[self.offsets[row]:self.offsets[row + 1]].reshape(self.shapes[row])
 
 
 def _resized_shapes(paths: Sequence[str], augment) -> "tuple[np.ndarray, Dict[int, str]]":
@@ -367,22 +366,12 @@ def build_resized_cache(paths: Sequence[str], augment, mode: str, cache_dir: str
     total = int(cache.offsets[-1])
     if mode == "memory":
         _warn_if_large(total, label)
-        cache._buffer = np.empty(total, dtype=np.uint8)
-        return cache, _fill_ragged(cache, cache._buffer, paths, augment, failures, desc)
-    tmp = npy.with_name(f"{npy.name}.{uuid.uuid4().hex}.tmp.npy")
-    try:
-        buffer = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total,))
-        failures = _fill_ragged(cache, buffer, paths, augment, failures, desc)
-        buffer.flush()
-        del buffer
-        _write_json_atomic(meta_path, {"key": key, "shapes": shapes.tolist(), "transform": description,
-                                       "num_images": len(paths), "failures": failures,
-                                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-        os.replace(tmp, npy)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    log.info("wrote disk cache %s", npy)
+        cache._data = np.empty(total, dtype=np.uint8)
+        return cache, _fill_ragged(cache, cache._data, paths, augment, failures, desc)
+    header_failures = failures
+    failures = _write_npy(npy, meta_path, (total,),
+                          lambda buffer: _fill_ragged(cache, buffer, paths, augment, header_failures, desc),
+                          {"key": key, "shapes": shapes.tolist(), "transform": description, "num_images": len(paths)})
     cache.path = str(npy)
     return cache, failures
 
