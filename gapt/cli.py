@@ -49,7 +49,14 @@ def resume_hint_on_interrupt(out, command: str):
         raise
 
 
-def _run_overrides(args) -> List[str]:
+def add_run_override_args(parser: argparse.ArgumentParser, data_root: bool = True) -> None:
+    """--device (and --data-root) of the commands that use a finished run; see run_overrides."""
+    parser.add_argument("--device", help="instead of the run's (auto | cpu | cuda | cuda:N)")
+    if data_root:
+        parser.add_argument("--data-root", help="the dataset's folder, if it moved since training")
+
+
+def run_overrides(args) -> List[str]:
     """--device / --data-root of eval and predict, as overrides of the run's saved config."""
     out = [f"device={args.device}"] if args.device else []
     if getattr(args, "data_root", None):
@@ -59,7 +66,7 @@ def _run_overrides(args) -> List[str]:
 
 def cmd_eval(args) -> int:
     from .engine.inference import eval_run
-    out = eval_run(args.run, args.split, _run_overrides(args))
+    out = eval_run(args.run, args.split, run_overrides(args))
     print(json.dumps(out) if args.json else f"{args.run} {out['split']}: top-1 {out['top1']:.2f}% "
           f"({out['count']} images, loss {out['loss']:.4f})")
     return 0
@@ -67,7 +74,7 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from .engine.inference import predict
-    preds = predict(args.run, args.images, args.top_k, args.batch_size, _run_overrides(args))
+    preds = predict(args.run, args.images, args.top_k, args.batch_size, run_overrides(args))
     if args.json:
         print(json.dumps(preds, indent=2))
         return 0
@@ -151,8 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--json", action="store_true")
-    e.add_argument("--device", help="instead of the run's (auto | cpu | cuda | cuda:N)")
-    e.add_argument("--data-root", help="the dataset's folder, if it moved since training")
+    add_run_override_args(e)
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="class probabilities for images with a finished run")
@@ -161,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--json", action="store_true", help="machine-readable output")
-    pr.add_argument("--device", help="instead of the run's (auto | cpu | cuda | cuda:N)")
+    add_run_override_args(pr, data_root=False)
     pr.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="the paper's story on a shipped MAE-pretrained micro ViT, offline, minutes on CPU")

@@ -45,8 +45,8 @@ def _fmt(x) -> str:
 def cmd_seg_eval(args) -> int:
     from .evaluate import eval_run
     from ..engine.distributed import is_main
-    from ..cli import _run_overrides
-    out = eval_run(args.run, args.split, multi_scale=args.multi_scale, overrides=_run_overrides(args))
+    from ..cli import run_overrides
+    out = eval_run(args.run, args.split, multi_scale=args.multi_scale, overrides=run_overrides(args))
     if not is_main():
         return 0
     if args.json:
@@ -65,9 +65,9 @@ def cmd_seg_eval(args) -> int:
 
 def cmd_seg_predict(args) -> int:
     from .evaluate import predict_run
-    from ..cli import _run_overrides
+    from ..cli import run_overrides
     preds = predict_run(args.run, args.images, args.out, multi_scale=args.multi_scale, alpha=args.alpha,
-                        overrides=_run_overrides(args))
+                        overrides=run_overrides(args))
     if args.json:
         print(json.dumps(preds, indent=2))
         return 0
@@ -79,6 +79,7 @@ def cmd_seg_predict(args) -> int:
 
 def add_commands(subparsers) -> None:
     """Add `gapt seg ...` to the gapt command line (see gapt.cli.COMMAND_MODULES)."""
+    from ..cli import add_run_override_args
     seg = subparsers.add_parser("seg", help="semantic segmentation (ADE20K, SETR-PUP heads): train, eval, predict",
                                 epilog=SEG_EPILOG)
     sub = seg.add_subparsers(dest="seg_command", metavar="SEG_COMMAND")
@@ -105,8 +106,7 @@ def add_commands(subparsers) -> None:
     e.add_argument("--multi-scale", action="store_true", help="also ratios 0.5-1.75 + flip (mIoU_ms)")
     e.add_argument("--per-class", action="store_true", help="print every class's IoU and accuracy")
     e.add_argument("--json", action="store_true", help="machine-readable output")
-    e.add_argument("--device", help="instead of the run's (auto | cpu | cuda | cuda:N)")
-    e.add_argument("--data-root", help="the dataset's folder, if it moved since training")
+    add_run_override_args(e)
     e.set_defaults(func=cmd_seg_eval)
 
     p = sub.add_parser("predict", help="colour-coded mask and overlay PNGs for images")
@@ -116,7 +116,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--multi-scale", action="store_true", help="multi-scale + flip inference")
     p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay (default 0.5)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--device", help="instead of the run's (auto | cpu | cuda | cuda:N)")
+    add_run_override_args(p, data_root=False)
     p.set_defaults(func=cmd_seg_predict)
 
 
