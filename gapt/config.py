@@ -15,6 +15,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .method import METHODS, POOLINGS, PROMPT_INITS, MethodSettings
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key or value."""
@@ -68,17 +70,10 @@ class TrainConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(MethodSettings):
+    """The method's keys (method, num_prompts, gate_init, ...: gapt.method.MethodSettings) and the run's."""
     backbone: str = "mae_vitb16"
     weights: Optional[str] = None   # checkpoint path, "timm" (hub), or null (random backbone)
-    method: str = "gated"
-    num_prompts: int = 100
-    gate_init: float = 10.0
-    learn_temperature: bool = False
-    insert_at_block: int = 1
-    prompt_init: str = "random"     # random | prototype
-    prompt_dropout: float = 0.1
-    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt)
     image_size: int = 224
     crop_size: int = 512            # segmentation: training crop and sliding window
     data: DataConfig = field(default_factory=DataConfig)
@@ -89,9 +84,9 @@ class RunConfig:
 
 # Allowed values for string keys that take one of a fixed set; checked in validate().
 CHOICES = {
-    "method": ["linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated"],
-    "prompt_init": ["random", "prototype"],
-    "pooling": ["", "mean", "cls", "img", "prompt"],
+    "method": list(METHODS),
+    "prompt_init": list(PROMPT_INITS),
+    "pooling": ["", *POOLINGS],
     "data.format": ["fgvc", "vtab", "folder", "csv", "shapes", "ade20k", "seg_folder"],
     "data.cache": ["memory", "disk", "none"],
     "data.vtab_resize": ["tf_bilinear", "antialias"],

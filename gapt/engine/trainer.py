@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from .. import config as C
+from ..method import MethodSettings
 from ..model import PromptedViT, build_model
 from . import distributed as dist
 from . import runfolder as rf
@@ -70,11 +71,8 @@ def model_from_config(cfg: C.RunConfig, num_classes: int, class_names=None) -> P
         if cfg.weights is None:
             warnings.simplefilter("ignore")
             log.warning("backbone %s built with random weights (weights: null)", cfg.backbone)
-        model = build_model(cfg.backbone, method=cfg.method, num_prompts=cfg.num_prompts, num_classes=num_classes,
-                            gate_init=cfg.gate_init, learn_temperature=cfg.learn_temperature,
-                            insert_at_block=cfg.insert_at_block, weights=cfg.weights, image_size=cfg.image_size,
-                            prompt_dropout=cfg.prompt_dropout, pooling=cfg.pooling or None, class_names=class_names,
-                            random_seed=cfg.train.seed)
+        model = build_model(cfg.backbone, MethodSettings.of(cfg), num_classes=num_classes, weights=cfg.weights,
+                            image_size=cfg.image_size, class_names=class_names, random_seed=cfg.train.seed)
     model.grad_checkpointing = cfg.train.grad_checkpointing
     return model
 

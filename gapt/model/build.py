@@ -9,6 +9,7 @@ import torch
 
 from .backbones import BackboneSpec, create_vit, default_pooling, resolve_spec
 from .checkpoints import convert_checkpoint, load_into_vit, read_tensor_file
+from ..method import MethodSettings
 from .prompted import PromptedViT
 
 log = logging.getLogger("gapt")
@@ -46,23 +47,24 @@ def build_backbone(backbone: Union[str, BackboneSpec], weights: Optional[str] = 
     return vit, spec
 
 
-def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str = "gated", num_prompts: int = 100,
-                num_classes: int = 1000, gate_init: float = 5.0, learn_temperature: bool = False,
-                insert_at_block: int = 1, weights: Optional[str] = None, image_size: Optional[int] = None,
-                prompt_dropout: float = 0.1, pooling: Optional[str] = None,
-                class_names: Optional[List[str]] = None, random_seed: Optional[int] = None) -> PromptedViT:
+def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: Union[str, MethodSettings] = "gated",
+                *, num_classes: int = 1000, weights: Optional[str] = None, image_size: Optional[int] = None,
+                class_names: Optional[List[str]] = None, random_seed: Optional[int] = None,
+                **settings) -> PromptedViT:
     """A frozen ViT (timm) with one transfer method and a linear head.
 
     backbone: a registered name (``gapt.model.BACKBONES``) or any timm ViT name;
+    method: a method name or a ``MethodSettings``; ``settings``: its other fields as keywords
+    (num_prompts=100, gate_init=10.0, learn_temperature=False, insert_at_block=1,
+    prompt_dropout=0.1, pooling="" = the backbone's rule; see ``gapt.method.MethodSettings``);
     weights: a checkpoint path (MAE, MoCo v3, DINO, timm/safetensors), ``"timm"`` for hub
     weights, or None for a random backbone (warned).
     """
+    chosen = MethodSettings.of(method, **settings)
     vit, spec = build_backbone(backbone, weights, image_size, random_seed)
-    return PromptedViT(vit, method=method, num_prompts=num_prompts, num_classes=num_classes,
-                       gate_init=gate_init, learn_temperature=learn_temperature,
-                       insert_at_block=insert_at_block, prompt_dropout=prompt_dropout,
-                       pooling=pooling or default_pooling(spec, vit), backbone_name=spec.name,
-                       class_names=class_names, image_size=image_size or vit.patch_embed.img_size[0])
+    return PromptedViT(vit, chosen, pooling=chosen.pooling or default_pooling(spec, vit), num_classes=num_classes,
+                       backbone_name=spec.name, class_names=class_names,
+                       image_size=image_size or vit.patch_embed.img_size[0])
 
 
 def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Optional[int] = None) -> PromptedViT:
@@ -72,10 +74,8 @@ def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Opti
     with warnings.catch_warnings():
         if weights is None and meta["method"] == "full":
             warnings.simplefilter("ignore")  # a full fine-tune file holds every backbone weight
-        model = build_model(meta["backbone"], method=meta["method"], num_prompts=meta["num_prompts"] or 1,
-                            num_classes=meta["num_classes"], gate_init=meta["gate_init"],
-                            learn_temperature=meta["learn_temperature"], insert_at_block=meta["insert_at_block"],
-                            weights=weights, image_size=meta["image_size"], prompt_dropout=meta["prompt_dropout"],
-                            pooling=meta["pooling"], class_names=meta["class_names"], random_seed=random_seed)
+        model = build_model(meta["backbone"], MethodSettings.of(meta, num_prompts=meta["num_prompts"] or 1),
+                            num_classes=meta["num_classes"], weights=weights, image_size=meta["image_size"],
+                            class_names=meta["class_names"], random_seed=random_seed)
     model.load_tuned(tuned_path)
     return model

@@ -18,9 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
-PROMPT_METHODS = ("vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
-POOLINGS = ("mean", "cls", "img", "prompt")
+from ..method import METHODS, POOLINGS, PROMPT_METHODS, MethodSettings
+
 TEMPERATURE_RANGE = (0.01, 10.0)
 
 
@@ -74,12 +73,16 @@ def prompt_init_bound(patch_size: Sequence[int], embed_dim: int) -> float:
 class PromptedViT(nn.Module):
     """A frozen timm VisionTransformer + one transfer method + a linear head."""
 
-    def __init__(self, vit: nn.Module, *, method: str = "gated", num_prompts: int = 100,
-                 num_classes: int = 1000, gate_init: float = 5.0, learn_temperature: bool = False,
-                 insert_at_block: int = 1, prompt_dropout: float = 0.1, pooling: str = "mean",
+    def __init__(self, vit: nn.Module, settings: Optional[MethodSettings] = None, *, num_classes: int = 1000,
                  backbone_name: str = "custom", class_names: Optional[List[str]] = None,
-                 image_size: Optional[int] = None):
+                 image_size: Optional[int] = None, **changes):
+        """``settings`` (or its fields as keywords: method=..., num_prompts=..., ...) choose the method;
+        pooling "" means mean pooling here (``build_model`` resolves it to the backbone's rule)."""
         super().__init__()
+        settings = MethodSettings.of(settings, **changes)
+        method, num_prompts, pooling = settings.method, settings.num_prompts, settings.pooling or "mean"
+        gate_init, learn_temperature = settings.gate_init, settings.learn_temperature
+        insert_at_block, prompt_dropout = settings.insert_at_block, settings.prompt_dropout
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; valid: {list(METHODS)}")
         if pooling not in POOLINGS:
@@ -99,6 +102,9 @@ class PromptedViT(nn.Module):
             raise ValueError(f"pooling='prompt' needs a prompt method, got '{method}'")
 
         self.backbone = vit
+        # what the tuned file records: prompts counted only where the method has them, pooling resolved
+        self.settings = MethodSettings.of(settings, num_prompts=num_prompts if has_prompts else 0, pooling=pooling,
+                                          gate_init=float(gate_init))
         self.method = method
         self.backbone_name = backbone_name
         self.depth = depth

@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import config as C
+from ..method import MethodSettings
 from ..engine import distributed as dist
 from ..engine import runfolder as rf
 from ..engine.progress import Progress
@@ -162,11 +163,8 @@ def build_seg_model(cfg: C.RunConfig, num_classes: int, class_names: Optional[Li
     with warnings.catch_warnings():
         if cfg.weights is None:
             warnings.simplefilter("ignore")
-        encoder = build_model(cfg.backbone, method=cfg.method, num_prompts=cfg.num_prompts,
-                              num_classes=num_classes, gate_init=cfg.gate_init,
-                              learn_temperature=cfg.learn_temperature, insert_at_block=cfg.insert_at_block,
-                              weights=cfg.weights, image_size=cfg.crop_size, prompt_dropout=cfg.prompt_dropout,
-                              pooling=cfg.pooling or None, class_names=class_names)
+        encoder = build_model(cfg.backbone, MethodSettings.of(cfg), num_classes=num_classes, weights=cfg.weights,
+                              image_size=cfg.crop_size, class_names=class_names)
     encoder.head = nn.Identity()
     encoder.backbone.norm.requires_grad_(False)  # the heads read tokens before the final norm (method full)
     encoder.grad_checkpointing = cfg.train.grad_checkpointing
@@ -207,12 +205,9 @@ def backbone_checksum(model: SegmentationModel) -> str:
 
 def seg_identity(cfg: C.RunConfig, model: SegmentationModel) -> Dict:
     enc = model.encoder
-    return {"backbone": enc.backbone_name, "method": enc.method, "num_prompts": enc.num_prompts,
-            "gate_init": enc.gate_init, "learn_temperature": enc.learn_temperature,
-            "insert_at_block": enc.insert_at_block, "prompt_dropout": enc.prompt_dropout.p, "pooling": enc.pooling,
-            "crop_size": cfg.crop_size, "num_classes": model.num_classes, "class_names": model.class_names,
-            "aux_blocks": list(model.aux_blocks), "channels": model.decode_head.conv_seg.in_channels,
-            "depth": enc.depth, "embed_dim": enc.embed_dim}
+    return {"backbone": enc.backbone_name, **enc.settings.as_dict(), "crop_size": cfg.crop_size,
+            "num_classes": model.num_classes, "class_names": model.class_names, "aux_blocks": list(model.aux_blocks),
+            "channels": model.decode_head.conv_seg.in_channels, "depth": enc.depth, "embed_dim": enc.embed_dim}
 
 
 def save_seg_tuned(path, cfg: C.RunConfig, model: SegmentationModel, extra: Optional[Dict] = None) -> None:
@@ -249,10 +244,9 @@ def read_seg_tuned(path) -> Tuple[Dict, Dict[str, torch.Tensor]]:
 
 
 def config_from_identity(cfg: C.RunConfig, ident: Dict) -> C.RunConfig:
-    return replace(cfg, backbone=ident["backbone"], method=ident["method"],
-                   num_prompts=ident["num_prompts"] or cfg.num_prompts, gate_init=ident["gate_init"],
-                   learn_temperature=ident["learn_temperature"], insert_at_block=ident["insert_at_block"],
-                   prompt_dropout=ident["prompt_dropout"], pooling=ident["pooling"], crop_size=ident["crop_size"])
+    held = MethodSettings.of(ident, num_prompts=ident["num_prompts"] or cfg.num_prompts).as_dict()
+    held.pop("prompt_init")  # how training started, not part of the model
+    return replace(cfg, backbone=ident["backbone"], crop_size=ident["crop_size"], **held)
 
 
 def load_seg_model(tuned_path, cfg: Optional[C.RunConfig] = None, weights: Optional[str] = "__file__"
