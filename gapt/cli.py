@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import List, Optional
+
+from .cli_support import add_run_override_args, resume_hint_on_interrupt, run_overrides
 
 EPILOG = "Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`."
 
@@ -20,7 +20,8 @@ def _setup_logging(verbose: bool = False) -> None:
 # -- commands -----------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from .config import load_config
-    from .engine.trainer import config_for_resume, train
+    from .engine.run import config_for_resume
+    from .engine.trainer import train
     if args.resume:
         if args.config or args.overrides:
             raise SystemExit("gapt train: --resume continues a run with its saved config.yaml; "
@@ -33,35 +34,6 @@ def cmd_train(args) -> int:
     with resume_hint_on_interrupt(cfg.out, "gapt train"):
         train(cfg)
     return 0
-
-
-@contextlib.contextmanager
-def resume_hint_on_interrupt(out, command: str):
-    """On Ctrl-C (or a scheduler's SIGINT), say what the run folder holds and how to continue."""
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        from .engine.distributed import is_main
-        from .engine.runfolder import resume_hint
-        if is_main():
-            print(f"{command}: interrupted; {resume_hint(Path(out), command)}", file=sys.stderr)
-        e.reported = True
-        raise
-
-
-def add_run_override_args(parser: argparse.ArgumentParser, data_root: bool = True) -> None:
-    """--device (and --data-root) of the commands that use a finished run; see run_overrides."""
-    parser.add_argument("--device", help="instead of the run's (auto | cpu | cuda | cuda:N)")
-    if data_root:
-        parser.add_argument("--data-root", help="the dataset's folder, if it moved since training")
-
-
-def run_overrides(args) -> List[str]:
-    """--device / --data-root of eval and predict, as overrides of the run's saved config."""
-    out = [f"device={args.device}"] if args.device else []
-    if getattr(args, "data_root", None):
-        out.append(f"data.root={args.data_root}")
-    return out
 
 
 def cmd_eval(args) -> int:
@@ -206,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import ConfigError
     from .model.checkpoints import CheckpointError
     from .engine.runfolder import RunFolderError
-    from .engine.trainer import TrainingDiverged
+    from .engine.run import TrainingDiverged
     errors = (ConfigError, CheckpointError, RunFolderError, TrainingDiverged, FileNotFoundError, ValueError)
     try:
         return args.func(args) or 0

@@ -217,3 +217,35 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def to_dict(cfg: RunConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+# Keys that never change what a run computes (where it is written, where its inputs are read
+# from, how fast it goes): a run folder found again with other values here holds the same run.
+RUN_FREE_KEYS = ("out", "device", "weights", "data.root", "data.num_workers", "data.cache", "data.cache_dir",
+                 "train.eval_batch_size")
+
+
+def flat_dict(cfg: Any) -> dict:
+    """A RunConfig (or a nested dict) as ``{"train.lr": 0.1, ...}``."""
+    out: dict = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+    walk(cfg if isinstance(cfg, dict) else to_dict(cfg), "")
+    return out
+
+
+def run_differences(saved: Any, wanted: Any, free_keys=RUN_FREE_KEYS) -> dict:
+    """``{key: (saved value, wanted value)}`` for the keys, other than ``free_keys``, in which two
+    configs (RunConfigs or nested dicts) differ; empty when they describe the same run."""
+    old, new = flat_dict(saved), flat_dict(wanted)
+    return {k: (old.get(k), v) for k, v in new.items() if k not in free_keys and old.get(k) != v}
+
+
+def same_run(saved: Any, wanted: Any, free_keys=RUN_FREE_KEYS) -> bool:
+    """Whether a run folder's saved config and the wanted one give the same run (see run_differences)."""
+    return not run_differences(saved, wanted, free_keys)

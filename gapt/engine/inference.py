@@ -9,7 +9,8 @@ import torch
 from .. import config as C
 from ..model import load_model
 from . import runfolder as rf
-from .trainer import autocast_dtype, evaluate, resolve_device
+from .run import autocast_dtype, resolve_device
+from .trainer import evaluate
 
 
 def load_run(run_dir: str, overrides: Sequence[str] = ()):

@@ -3,15 +3,11 @@ evaluate test once at the end on the best and the last state. Resumable, DDP-awa
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,6 +18,7 @@ from ..model import PromptedViT, build_model
 from . import distributed as dist
 from . import runfolder as rf
 from .progress import Progress, summary
+from .run import Run, check_finite, in_process_group, seed_everything
 from .schedule import LRSchedule
 
 log = logging.getLogger("gapt")
@@ -32,40 +29,7 @@ def loss_sync_interval(device: torch.device) -> int:
     return 16 if device.type == "cuda" else 1
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the resume state of the last finished epoch, if any, stays in the run folder."""
-
-
 # -- set-up -----------------------------------------------------------------------------------
-def resolve_device(cfg: C.RunConfig) -> torch.device:
-    """``auto`` and ``cuda`` mean this process's GPU: cuda:LOCAL_RANK under torchrun, else cuda:0.
-
-    The GPU is also made current, so NCCL and any kernel launched without a device land on it
-    (with several processes on one machine, an unset current device puts every rank on GPU 0).
-    """
-    kind = cfg.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind.startswith("cuda") and not torch.cuda.is_available():
-        raise C.ConfigError(f"bad value for config key 'device': {cfg.device!r} but no CUDA device is available")
-    device = torch.device("cuda", dist.local_rank()) if kind == "cuda" else torch.device(kind)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
-def autocast_dtype(cfg: C.RunConfig, device: torch.device) -> Optional[torch.dtype]:
-    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def model_from_config(cfg: C.RunConfig, num_classes: int, class_names=None) -> PromptedViT:
     with warnings.catch_warnings():
         if cfg.weights is None:
@@ -92,14 +56,14 @@ def _loader(dataset, batch_size: int, sampler, workers: int, seed: int = 0, pin:
 
 
 @torch.no_grad()
-def precompute_prefix(model: PromptedViT, dataset, batch_size: int, device, dtype, desc: str) -> TensorDataset:
+def precompute_frozen(model: PromptedViT, dataset, batch_size: int, device, dtype, desc: str) -> TensorDataset:
     """Outputs of the frozen blocks for an un-augmented split, computed once (SPEC-equal logits)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     feats, labels = [], []
     bar = Progress(len(loader), desc, enabled=dist.is_main())
     for x, y in loader:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            feats.append(model.frozen_prefix(x.to(device)).float().cpu())
+            feats.append(model.frozen_features(x.to(device)).float().cpu())
         labels.append(torch.as_tensor(y))
         bar.update()
     bar.close()
@@ -143,16 +107,11 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
     def flush() -> None:
         nonlocal loss_sum
         values = torch.stack([p[1] for p in pending]).tolist()
-        bad = [0.0 if math.isfinite(v) else 1.0 for v in values]
-        if dist.world_size() > 1:  # every process stops at the same step, none waits in a collective
-            bad = dist.all_sum(bad, device)
-        for (step_i, _, n, step_lr), value, bad_here in zip(pending, values, bad):
-            if bad_here:
-                kept = run_dir is not None and (run_dir / rf.RESUME).exists()
-                what = f"loss is {value}" if not math.isfinite(value) else "the loss is not finite in another process"
-                raise TrainingDiverged(f"{what} at epoch {epoch} step {step_i}; stopped. " + (
-                    f"The state after the last finished epoch is kept in {run_dir / rf.RESUME}" if kept else
-                    "No epoch had finished, so there is no state to keep") + "; a lower train.lr may help")
+        check_finite(values, [f"epoch {epoch} step {p[0]}" for p in pending], device,
+                     run_dir / rf.RESUME if run_dir is not None else None,
+                     "The state after the last finished epoch is kept in {path}",
+                     "No epoch had finished, so there is no state to keep")
+        for (step_i, _, n, step_lr), value in zip(pending, values):
             loss_sum += value * n
             bar.update(loss=value, lr=step_lr, img_s=seen * dist.world_size() / max(time.time() - start, 1e-9))
         pending.clear()
@@ -191,19 +150,6 @@ def set_tuned_state(model: PromptedViT, state: Dict[str, torch.Tensor]) -> None:
             p.copy_(state[k])
 
 
-def rng_state() -> Dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_pos": random.getstate()[2],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: Dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate((3, tuple(s["python"]), s["python_pos"]))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 # -- the run ----------------------------------------------------------------------------------
 def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int] = None,
           prompt_initialiser: Optional[Callable] = None) -> Dict:
@@ -211,80 +157,57 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
 
     ``stop_after_epoch`` ends the process's work right after that epoch's resume file is written
     (as a kill would); tests use it to check that resuming gives the uninterrupted metrics.
+    ``prompt_initialiser(model, train_set, seed=, device=)`` sets the prompts of a fresh
+    ``prompt_init: prototype`` run (default: gapt.engine.prototype's k-means).
     """
-    device = resolve_device(cfg)
-    with dist.process_group(device.type):
-        return _train(cfg, device, resume, stop_after_epoch, prompt_initialiser)
+    return in_process_group(cfg, lambda device: _train(Run(cfg, device, resume), stop_after_epoch,
+                                                       prompt_initialiser))
 
 
-def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoch: Optional[int],
-           prompt_initialiser: Optional[Callable]) -> Dict:
+def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Optional[Callable]) -> Dict:
     from ..data import build_datasets
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    out = Path(cfg.out)
-    if dist.is_main():
-        if not resume:
-            rf.check_new_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:  # lines left by a fresh start killed before its first resume file
-            rf.atomic_write_text(out / rf.METRICS, "")
-        rf.atomic_write_text(out / rf.CONFIG, C.to_yaml(cfg))
-    dtype = autocast_dtype(cfg, device)
-    t = cfg.train
-    if t.batch_size % dist.world_size():
-        raise C.ConfigError(f"bad value for config key 'train.batch_size': {t.batch_size} does not divide over "
-                            f"{dist.world_size()} processes")
+    cfg, device, dtype, out, t = run.cfg, run.device, run.dtype, run.out, run.cfg.train
     seed_everything(t.seed)
 
     bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=t.seed)
     model = model_from_config(cfg, bundle.num_classes, bundle.class_names).to(device)
-    if cfg.prompt_init == "prototype" and not resume:
-        from ..protocol.prototype import init_prompts_from_prototypes
+    if cfg.prompt_init == "prototype" and not run.resume:
+        from .prototype import init_prompts_from_prototypes
         (prompt_initialiser or init_prompts_from_prototypes)(model, bundle.train, seed=t.seed, device=device)
     eval_bs = t.eval_batch_size or 2 * t.batch_size
 
-    # Frozen blocks on un-augmented data are computed once, not every epoch.
-    train_set, val_set, forward_fn = bundle.train, bundle.val, model
-    cached = model.frozen_prefix_blocks > 0 and not getattr(bundle.train, "augmented", True)
+    # Frozen leading blocks on un-augmented data are computed once, not every epoch.
+    train_set, val_set = bundle.train, bundle.val
+    cached = model.frozen_leading_blocks > 0 and not getattr(bundle.train, "augmented", True)
     if cached:
         model.eval()
-        train_set = precompute_prefix(model, bundle.train, eval_bs, device, dtype, "cache train prefix")
-        val_set = precompute_prefix(model, bundle.val, eval_bs, device, dtype, "cache val prefix")
-        log.info("cached the output of %d frozen block(s) for train and val", model.frozen_prefix_blocks)
-    train_forward = model.forward_from_prefix if cached else model
-    ddp_model = None
-    if dist.world_size() > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        ddp_model = DistributedDataParallel(_PrefixForward(model) if cached else model,
-                                            device_ids=[device.index] if device.type == "cuda" else None)
-        train_forward = ddp_model
-    if t.compile:
-        train_forward = torch.compile(train_forward)
-        log.info("train.compile: the first training steps compile the model; the first epoch's images/s "
-                 "includes that time")
+        train_set = precompute_frozen(model, bundle.train, eval_bs, device, dtype, "cache train frozen blocks")
+        val_set = precompute_frozen(model, bundle.val, eval_bs, device, dtype, "cache val frozen blocks")
+        log.info("cached the output of %d frozen block(s) for train and val", model.frozen_leading_blocks)
+    if run.world > 1 or t.compile:
+        train_forward = run.wrap(_FromFrozen(model) if cached else model)
+    else:
+        train_forward = model.forward_from_frozen if cached else model
 
     sampler = dist.train_sampler(train_set, t.seed)
     workers = 0 if cached else cfg.data.num_workers
-    loader = _loader(train_set, t.batch_size // dist.world_size(), sampler, workers, t.seed, device.type == "cuda")
+    loader = _loader(train_set, run.per_process_batch, sampler, workers, t.seed, device.type == "cuda")
     steps_per_epoch = len(loader) if not t.max_steps_per_epoch else min(t.max_steps_per_epoch, len(loader))
     optimizer = make_optimizer(cfg, list(model.tuned_parameters().values()))
     schedule = LRSchedule(t.lr, t.epochs, t.warmup_epochs, steps_per_epoch, t.schedule)
 
     start_epoch, best = 0, {"top1": -1.0, "epoch": -1, "state": None}
     train_time = 0.0
-    if resume:
-        state = torch.load(out / rf.RESUME, map_location="cpu", weights_only=True)
+    if run.resume:
+        state = run.load_state()
         set_tuned_state(model, state["tuned"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, train_time = state["epoch"] + 1, state["train_time_s"]
         best = {"top1": state["best_top1"], "epoch": state["best_epoch"], "state": state["best_tuned"]}
-        set_rng_state(state["rng"])
-        if dist.is_main():
-            rf.truncate_metrics(out, start_epoch)
+        run.keep_metrics(lambda r: r.get("epoch", -1) < start_epoch)
         log.info("resuming %s at epoch %d", out, start_epoch)
 
-    val_forward = model.forward_from_prefix if cached else model
+    val_forward = model.forward_from_frozen if cached else model
     for epoch in range(start_epoch, t.epochs):
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model, train_forward, loader, optimizer, schedule, epoch, device, dtype,
@@ -297,11 +220,11 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
             record["test_top1"] = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test")["top1"]
         if val["top1"] > best["top1"]:
             best = {"top1": val["top1"], "epoch": epoch, "state": tuned_state(model)}
+        run.append_metrics(record)
+        run.save_state({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
+                        "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
+                        "train_time_s": train_time})
         if dist.is_main():
-            rf.append_metrics(out, record)
-            rf.atomic_torch_save({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
-                                  "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
-                                  "rng": rng_state(), "train_time_s": train_time}, out / rf.RESUME)
             log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary({k: v for k, v in record.items() if k != "epoch"}))
         dist.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -316,42 +239,28 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
     else:
         set_tuned_state(model, best["state"])
         test_best = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (best val)")
-    results = {
-        "backbone": cfg.backbone, "method": cfg.method, "learn_temperature": cfg.learn_temperature,
-        "num_prompts": model.num_prompts, "prompt_init": cfg.prompt_init, "gate_init": cfg.gate_init,
-        "insert_at_block": cfg.insert_at_block, "benchmark": cfg.data.format, "task": bundle.info.get("name") or
-        cfg.data.name, "seed": t.seed, "final": cfg.data.final,
-        "metrics": {"val_top1_best": best["top1"], "best_epoch": best["epoch"], "test_top1": test_best["top1"],
-                    "test_top1_last": test_last["top1"], "test_count": test_best["count"]},
-        "data": bundle.info, "tuned_params": model.num_tuned(), "train_time_s": train_time,
-        "epochs": t.epochs, "device": str(device), "precision": "bf16" if dtype else "fp32",
-        "world_size": dist.world_size(), "lr": t.lr, "weight_decay": t.weight_decay,
-        "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0,
-    }
-    if dist.is_main():
+    metrics = {"val_top1_best": best["top1"], "best_epoch": best["epoch"], "test_top1": test_best["top1"],
+               "test_top1_last": test_last["top1"], "test_count": test_best["count"]}
+    results = run.base_results(model, bundle.info.get("name") or cfg.data.name, cfg.data.final, metrics,
+                               bundle.info, model.num_tuned(), train_time)
+    results.update({"epochs": t.epochs, "frozen_cache_blocks": model.frozen_leading_blocks if cached else 0})
+
+    def write_files() -> None:
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
-        rf.write_json(out / rf.RESULTS, results)
         log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
                  best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
+
+    run.finish(results, write_files)
     set_tuned_state(model, last_state)
-    dist.barrier()
     return results
 
 
-class _PrefixForward(torch.nn.Module):
-    """DDP needs a module: this one maps cached prefixes to logits through the model."""
+class _FromFrozen(torch.nn.Module):
+    """DDP needs a module: this one maps cached frozen-block outputs to logits through the model."""
 
     def __init__(self, model: PromptedViT):
         super().__init__()
         self.model = model
 
-    def forward(self, prefix):
-        return self.model.forward_from_prefix(prefix)
-
-
-def config_for_resume(run_dir: str) -> C.RunConfig:
-    path = Path(run_dir) / rf.CONFIG
-    if not (Path(run_dir) / rf.RESUME).exists():
-        raise rf.RunFolderError(f"{run_dir} has no resume file ({rf.RESUME}); nothing to resume")
-    cfg = C.load_config(str(path))
-    return replace(cfg, out=str(run_dir))
+    def forward(self, frozen):
+        return self.model.forward_from_frozen(frozen)

@@ -240,9 +240,9 @@ class PromptedViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(images))
 
-    # -- frozen-prefix cache (insertion sweep, linear probing) ------------------------------
+    # -- frozen leading blocks, cached (insertion sweep, linear probing) ----------------------
     @property
-    def frozen_prefix_blocks(self) -> int:
+    def frozen_leading_blocks(self) -> int:
         """How many leading blocks see no trainable tensor (their outputs can be cached)."""
         if self.method == "linear":
             return self.depth
@@ -251,21 +251,21 @@ class PromptedViT(nn.Module):
         return 0
 
     @torch.no_grad()
-    def frozen_prefix(self, images: torch.Tensor) -> torch.Tensor:
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
         """What the first trainable tensor sees: pooled features (linear) or the tokens entering block k."""
         if self.method == "linear":
             return self.forward_features(images)
         x = self.embed(images)
-        for i in range(self.frozen_prefix_blocks):
+        for i in range(self.frozen_leading_blocks):
             x = self.backbone.blocks[i](x)
         return x
 
-    def forward_from_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
-        """Logits from cached ``frozen_prefix`` outputs (equal to ``forward`` on the images)."""
+    def forward_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+        """Logits from cached ``frozen_features`` outputs (equal to ``forward`` on the images)."""
         if self.method == "linear":
-            return self.head(prefix)
+            return self.head(frozen)
         self.clamp_temperature_()
-        x, _ = self.run_blocks(prefix, start=self.frozen_prefix_blocks)
+        x, _ = self.run_blocks(frozen, start=self.frozen_leading_blocks)
         return self.head(self.pool(x))
 
     # -- analysis ---------------------------------------------------------------------------

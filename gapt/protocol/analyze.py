@@ -21,7 +21,6 @@ import math
 import re
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -278,7 +277,7 @@ def analyze_attention(run_dir: PathLike, image: PathLike, out: Optional[PathLike
     from PIL import Image
 
     from ..data import eval_transform
-    from ..engine.trainer import resolve_device
+    from ..engine.run import resolve_device
 
     head = head if head == "mean" else int(head)
     if not Path(image).is_file():
@@ -316,38 +315,6 @@ def analyze_attention(run_dir: PathLike, image: PathLike, out: Optional[PathLike
 
 
 # -- insertion sweep --------------------------------------------------------------------------
-_CACHE_LOG = re.compile(r"cached the output of (\d+) frozen block")
-# Keys that may differ between a sweep's config and a run folder it finds without making it another run.
-_RUN_INDEPENDENT = ("out", "device", "data.num_workers", "data.cache", "data.cache_dir", "train.eval_batch_size")
-
-
-class _CacheLogWatcher(logging.Handler):
-    """Reads the trainer's 'cached the output of N frozen block(s)' line while one run trains."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.blocks: Optional[int] = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        m = _CACHE_LOG.search(record.getMessage())
-        if m:
-            self.blocks = int(m.group(1))
-
-
-@contextmanager
-def _watch_prefix_cache():
-    logger = logging.getLogger("gapt")
-    watcher, level = _CacheLogWatcher(), logger.level
-    logger.addHandler(watcher)
-    if not logger.isEnabledFor(logging.INFO):
-        logger.setLevel(logging.INFO)
-    try:
-        yield watcher
-    finally:
-        logger.removeHandler(watcher)
-        logger.setLevel(level)
-
-
 def backbone_depth(cfg) -> int:
     from ..model.backbones import create_vit, resolve_spec
     spec = resolve_spec(cfg.backbone)
@@ -379,27 +346,16 @@ def parse_blocks(text: str) -> List[int]:
     return sorted(blocks)
 
 
-def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _check_same_run(run_dir: Path, cfg) -> None:
     """A folder found on disk must hold the run this sweep would start, or resuming / skipping lies."""
     from ..engine import runfolder as rf
     saved_path = run_dir / rf.CONFIG
     if not saved_path.is_file():
         return
-    saved, wanted = _flat(C.to_dict(C.load_config(str(saved_path)))), _flat(C.to_dict(cfg))
-    differ = [k for k in wanted if k not in _RUN_INDEPENDENT and saved.get(k) != wanted[k]]
+    differ = C.run_differences(C.load_config(str(saved_path)), cfg)
     if differ:
         raise ValueError(f"{run_dir} holds a run with another config (differs in: "
-                         + ", ".join(f"{k}: {saved.get(k)!r} there vs {wanted[k]!r} here" for k in differ)
+                         + ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in differ.items())
                          + "); choose another out=... for this sweep")
 
 
@@ -414,9 +370,9 @@ def insertion_sweep(cfg, blocks: Optional[Iterable[int]] = None, train_fn=None) 
     A run folder with results.json is skipped, one with a resume file is resumed, anything else
     is trained from scratch; a folder holding a run of a different config is an error. Writes
     ``insertion.json``, ``insertion.md`` and ``insertion.png`` into ``cfg.out``. Each row records
-    ``prefix_cache_blocks``: how many frozen blocks the engine computed once instead of every
-    epoch, as reported by the run (results.json key, or the trainer's log line while it trains
-    here; None when neither says).
+    ``frozen_cache_blocks``: how many frozen blocks the engine computed once instead of every
+    epoch, from the run's results.json (for a finished run whose results.json predates that key,
+    what an earlier sweep's insertion.json recorded; None when neither says).
     """
     from ..engine import distributed as dist
     from ..engine import runfolder as rf
@@ -447,18 +403,18 @@ def insertion_sweep(cfg, blocks: Optional[Iterable[int]] = None, train_fn=None) 
             resume = (run_dir / rf.RESUME).exists()
             status = "resumed" if resume else "trained"
             log.info("insertion sweep: k=%d %s -> %s", k, "resuming" if resume else "training", run_dir)
-            with _watch_prefix_cache() as watcher:
-                train_fn(cfg_k, resume=resume)
-            cache_blocks = watcher.blocks if watcher.blocks is not None else 0
+            train_fn(cfg_k, resume=resume)
         results = rf.read_json(run_dir / rf.RESULTS)
-        if "prefix_cache_blocks" in results:  # the engine's own record wins when it has one
-            cache_blocks = results["prefix_cache_blocks"]
+        for key in ("frozen_cache_blocks", "prefix_cache_blocks"):  # the engine's record (older runs: its old name)
+            if key in results:
+                cache_blocks = results[key]
+                break
         metrics = results.get("metrics", {})
         rows.append({"block": k, "run": str(run_dir), "status": status,
                      "test_top1": metrics.get("test_top1"), "val_top1": metrics.get("val_top1_best"),
                      "test_top1_last": metrics.get("test_top1_last"),
                      "train_time_s": results.get("train_time_s"), "wall_time_s": round(time.time() - start, 3),
-                     "prefix_cache_blocks": cache_blocks, "tuned_params": results.get("tuned_params")})
+                     "frozen_cache_blocks": cache_blocks, "tuned_params": results.get("tuned_params")})
     summary = {"backbone": cfg.backbone, "depth": depth, "data": {"format": cfg.data.format, "name": cfg.data.name},
                "seed": cfg.train.seed, "learn_temperature": cfg.learn_temperature, "prompt_init": cfg.prompt_init,
                "num_prompts": cfg.num_prompts, "runs": rows}
@@ -474,7 +430,7 @@ def insertion_sweep(cfg, blocks: Optional[Iterable[int]] = None, train_fn=None) 
 def _previous_cache_records(path: Path) -> Dict[str, int]:
     try:
         rows = json.loads(path.read_text())["runs"]
-        return {r["run"]: r["prefix_cache_blocks"] for r in rows if r.get("prefix_cache_blocks") is not None}
+        return {r["run"]: r["frozen_cache_blocks"] for r in rows if r.get("frozen_cache_blocks") is not None}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -483,7 +439,7 @@ def insertion_table(rows: Sequence[Dict[str, Any]]) -> str:
     lines = ["| insert at block k | val top-1 | test top-1 | train time (s) | cached frozen blocks | status |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        cache = "—" if r["prefix_cache_blocks"] is None else str(r["prefix_cache_blocks"])
+        cache = "—" if r["frozen_cache_blocks"] is None else str(r["frozen_cache_blocks"])
         lines.append(f"| {r['block']} | {_fmt(r['val_top1'])} | {_fmt(r['test_top1'])} | "
                      f"{_fmt(r['train_time_s'], 1)} | {cache} | {r['status']} |")
     return "\n".join(lines) + "\n"

@@ -20,10 +20,15 @@ from torch.utils.data import DataLoader
 from .. import config as C
 from ..engine import distributed as dist
 from ..engine import runfolder as rf
+from ..engine.inference import expand_images
 from ..engine.progress import Progress
+from ..engine.run import autocast_dtype, resolve_device
+from .data import load_image
 from .inference import MS_RATIOS, multiscale_inference, slide_inference
 from .metrics import SegMetrics, confusion_matrix, reduce_confusion
+from .model import load_seg_model
 from .palette import save_mask_png, save_overlay_png
+from .recipe import EVAL_FILE, eval_pipeline, seg_dataset, slide_stride, train_scale
 
 log = logging.getLogger("gapt")
 
@@ -40,7 +45,6 @@ def predict_logits(model, image: torch.Tensor, out_size, crop_size: int, device,
                    multi_scale: bool = False) -> torch.Tensor:
     """(1, C, *out_size) scores of a normalised (1, 3, h, w) image: slide logits, or multi-scale
     + flip averaged probabilities."""
-    from .train import slide_stride, train_scale
     fn = _model_fn(model, device, dtype)
     n, stride = model.num_classes, slide_stride(crop_size)
     image = image.to(device)
@@ -77,7 +81,6 @@ def evaluate_seg(model, dataset, crop_size: int, device, dtype=None, workers: in
 def write_eval_file(run_dir, split: str, single: SegMetrics, multi: Optional[SegMetrics] = None,
                     extra: Optional[Dict] = None) -> Path:
     """``eval_<split>.json``: single-scale (and multi-scale) metrics with per-class IoU / Acc."""
-    from .train import EVAL_FILE
     body: Dict = {"split": split, **(extra or {}), "single_scale": single.as_dict(per_class=True)}
     if multi is not None:
         body["multi_scale"] = multi.as_dict(per_class=True)
@@ -90,7 +93,6 @@ def write_eval_file(run_dir, split: str, single: SegMetrics, multi: Optional[Seg
 def load_seg_run(run_dir: str, weights: Optional[str] = "__config__", overrides: Sequence[str] = ()):
     """(config, segmentation model with the run's tuned state, results.json or {}); ``overrides``
     (``KEY=VALUE``, e.g. ``device=cpu``, ``data.root=...``) change the saved config for this use."""
-    from .train import load_seg_model
     run = Path(run_dir)
     if not (run / rf.CONFIG).exists():
         raise rf.RunFolderError(f"{run_dir} is not a gapt run folder (no {rf.CONFIG})")
@@ -106,7 +108,6 @@ def load_seg_run(run_dir: str, weights: Optional[str] = "__config__", overrides:
 def eval_run(run_dir: str, split: str = "val", multi_scale: bool = False, overrides: Sequence[str] = ()) -> Dict:
     """Evaluate a finished run on a split; writes ``eval_<split>.json`` and, for val, updates
     results.json's metrics (``mIoU``, ``mAcc``, ``aAcc``; ``*_ms`` with ``multi_scale``)."""
-    from ..engine.trainer import resolve_device
     if split not in ("train", "val"):
         raise ValueError(f"unknown split '{split}'; valid: train, val")
     cfg, model, results = load_seg_run(run_dir, overrides=overrides)
@@ -116,8 +117,6 @@ def eval_run(run_dir: str, split: str = "val", multi_scale: bool = False, overri
 
 
 def _eval_run(run_dir, split, multi_scale, cfg, model, results, device) -> Dict:
-    from ..engine.trainer import autocast_dtype
-    from .train import eval_pipeline, seg_dataset
     model.to(device)
     dtype = autocast_dtype(cfg, device)
     dataset = seg_dataset(cfg, split, eval_pipeline(cfg.crop_size), cfg.train.seed)
@@ -146,11 +145,6 @@ def predict_run(run_dir: str, images: List[str], out_dir: Optional[str] = None, 
     """Colour-coded masks (``<stem>_mask.png``, palette PNG whose values are the class indices)
     and overlays (``<stem>_overlay.png``) for image files or folders of images; default folder
     ``<run>/predictions``."""
-    from ..engine.trainer import autocast_dtype, resolve_device
-    from .data import load_image
-    from .train import eval_pipeline
-    from ..engine.inference import expand_images
-    from ..engine.progress import Progress
     cfg, model, _ = load_seg_run(run_dir, overrides=overrides)
     files = expand_images(images)  # every path checked before the first forward
     device = resolve_device(cfg)
