@@ -152,7 +152,8 @@ class Run:
         return model
 
     def wrap(self, module: nn.Module) -> Callable:
-        """The training forward: ``module`` under DDP when there are several processes, compiled if asked."""
+        """The training forward: ``module`` itself, under DDP when there are several processes, compiled
+        if train.compile asks."""
         forward = module
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel

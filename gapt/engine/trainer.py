@@ -184,10 +184,7 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
         train_set = precompute_frozen(model, bundle.train, eval_bs, device, dtype, "cache train frozen blocks")
         val_set = precompute_frozen(model, bundle.val, eval_bs, device, dtype, "cache val frozen blocks")
         log.info("cached the output of %d frozen block(s) for train and val", model.frozen_leading_blocks)
-    if run.world > 1 or t.compile:
-        train_forward = run.wrap(_FromFrozen(model) if cached else model)
-    else:
-        train_forward = model.forward_from_frozen if cached else model
+    train_forward = run.wrap(_FromFrozen(model) if cached else model)
 
     sampler = dist.train_sampler(train_set, t.seed)
     workers = 0 if cached else cfg.data.num_workers

@@ -133,7 +133,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
     if steps_per_pass == 0:
         raise C.ConfigError(f"bad value for config key 'train.batch_size': {t.batch_size} is larger than the "
                             f"{len(train_set)} training images")
-    forward = run.wrap(model) if world > 1 or t.compile else model
+    forward = run.wrap(model)
 
     iteration, train_time = 0, 0.0
     pending = {"loss_sum": 0.0, "images": 0, "iters": 0, "time": 0.0}
