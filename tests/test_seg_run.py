@@ -1,6 +1,6 @@
 """`gapt seg train | eval | predict` end to end on a tiny ViT (test_mae_tiny: patch 8, width 32, 4 blocks)
 and a tiny ADE20K-layout fixture (48x40 images). The heads are narrowed from SETR's 256 channels
-to 16 (``gapt.seg.model.HEAD_CHANNELS``) so the whole file runs in well under a minute on 2 cores."""
+to 16 (``gapt.seg.train.HEAD_CHANNELS``) so the whole file runs in well under a minute on 2 cores."""
 import json
 import os
 import subprocess
@@ -78,7 +78,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def narrow_heads():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(seg_model, "HEAD_CHANNELS", 16)
+        mp.setattr(seg_train, "HEAD_CHANNELS", 16)
         yield
 
 

@@ -19,12 +19,12 @@ import torch.nn as nn
 from .. import config as C
 from ..method import MethodSettings
 from .head import SegmentationModel
+from .recipe import HEAD_CHANNELS
 
 log = logging.getLogger("gapt")
 
 TUNED_FORMAT = "gapt-seg-tuned"
 REFERENCE_DEPTH, REFERENCE_AUX_BLOCKS = 12, (5, 9)   # the paper's ViT-B choice (SPEC §6)
-HEAD_CHANNELS = 256
 
 
 def aux_blocks_for_depth(depth: int) -> Tuple[int, ...]:

@@ -12,6 +12,7 @@ from .data import DEFAULT_SPLITS, SEG_FORMATS, SegDataset, build_seg_split
 from .transforms import SegEvalPipeline, SegTrainPipeline
 
 EVAL_FILE = "eval_{split}.json"
+HEAD_CHANNELS = 256   # SETR-PUP's head width
 
 
 # -- values derived from crop_size ----------------------------------------------------------------

@@ -38,7 +38,8 @@ from ..engine.run import Run, in_process_group, seed_everything
 from .evaluate import evaluate_seg, write_eval_file
 from .head import SegmentationModel, seg_loss
 from .model import build_seg_model, save_seg_tuned, seg_tuned_state, set_seg_tuned_state
-from .recipe import check_seg_config, data_info, eval_pipeline, seg_dataset, seg_task_name, train_pipeline
+from .recipe import (HEAD_CHANNELS, check_seg_config, data_info, eval_pipeline, seg_dataset, seg_task_name,
+                     train_pipeline)
 
 log = logging.getLogger("gapt")
 
@@ -124,7 +125,8 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
     val_set = seg_dataset(cfg, "val", eval_pipeline(cfg.crop_size), t.seed)
     info = data_info(cfg, train_set, val_set)
     seed_everything(t.seed)
-    model = run.sync_batchnorm(build_seg_model(cfg, train_set.num_classes, train_set.class_names).to(device))
+    model = build_seg_model(cfg, train_set.num_classes, train_set.class_names, channels=HEAD_CHANNELS)
+    model = run.sync_batchnorm(model.to(device))
     optimizer = make_seg_optimizer(cfg, model)
 
     per_rank = run.per_process_batch
