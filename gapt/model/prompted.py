@@ -74,6 +74,10 @@ def prompt_init_bound(patch_size: Sequence[int], embed_dim: int) -> float:
 class PromptedViT(nn.Module):
     """A frozen timm VisionTransformer + one transfer method + a linear head."""
 
+    # how the position embedding meets another patch grid: timm's bicubic; segmentation sets
+    # bilinear (SETR), see model/posembed.py
+    pos_embed_interpolation = "bicubic"
+
     def __init__(self, vit: nn.Module, *, method: str = "gated", num_prompts: int = 100,
                  num_classes: int = 1000, gate_init: float = 5.0, learn_temperature: bool = False,
                  insert_at_block: int = 1, prompt_dropout: float = 0.1, pooling: str = "mean",
@@ -162,7 +166,12 @@ class PromptedViT(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         vit = self.backbone
-        x = vit._pos_embed(vit.patch_embed(images))
+        x = vit.patch_embed(images)
+        if self.pos_embed_interpolation != "bicubic" and x.ndim == 4 and vit.pos_embed is not None:
+            from .posembed import add_pos_embed
+            x = add_pos_embed(vit, x, self.pos_embed_interpolation)
+        else:
+            x = vit._pos_embed(x)
         return vit.norm_pre(vit.patch_drop(x))
 
     def _prompts(self, block_index: int, batch: int) -> Optional[torch.Tensor]:
