@@ -7,8 +7,11 @@ import pytest
 import torch
 
 import gapt.engine.trainer as trainer
+import gapt.seg.evaluate as seg_evaluate
 import gapt.seg.train as seg_train
 from gapt.config import load_config
+import gapt.engine.inference as engine_inference
+from gapt.engine.inference import eval_run
 from gapt.engine.precision import precision_record, precision_scope, resolve_precision, tf32_active
 
 from test_seg_run import overrides as seg_overrides
@@ -82,6 +85,11 @@ def test_classification_run_precision(tmp_path, monkeypatch, tf32_on, precision)
         assert r["precision"] == precision and r["precision_setting"] == precision
         assert r["tf32"] is False  # a CPU run
         assert r["pos_embed_interpolation"] == "bicubic"
+    seen.clear()
+    _spy(monkeypatch, engine_inference, "evaluate", seen)
+    out = eval_run(str(tmp_path / "run"), "val")  # eval runs at the run's precision too
+    assert (out["precision"], out["tf32"]) == (precision, False)
+    assert seen and all(s == expected for s in seen)
 
 
 def test_segmentation_run_precision(tmp_path, monkeypatch, tf32_on):
@@ -99,3 +107,11 @@ def test_segmentation_run_precision(tmp_path, monkeypatch, tf32_on):
     for r in (res, saved):
         assert (r["precision"], r["precision_setting"], r["tf32"]) == ("fp32", "fp32", False)
         assert r["pos_embed_interpolation"] == "bilinear"
+    spied = []
+    _spy(monkeypatch, seg_evaluate, "evaluate_seg", spied)
+    with monkeypatch.context() as mp:
+        mp.setattr(seg_train, "HEAD_CHANNELS", 8)
+        out = seg_evaluate.eval_run(str(tmp_path / "run"))
+    assert spied == [(False, False, "highest")] and switches() == tf32_on
+    assert (out["precision"], out["tf32"]) == ("fp32", False)
+    assert json.loads((tmp_path / "run" / "eval_val.json").read_text())["precision"] == "fp32"

@@ -179,3 +179,24 @@ def test_segmentation_loads_the_position_embedding_bilinearly(tmp_path):
     assert torch.allclose(enc.embed(x), expected, atol=1e-5)
     timm_way = torch.cat([enc.backbone.cls_token + pos[:, :1], tokens + resize_pos_embed(pos, (3, 3), 1)[:, 1:]], 1)
     assert not torch.allclose(enc.embed(x), timm_way, atol=1e-3)
+
+
+def test_hub_weights_are_regridded_bilinearly(monkeypatch):
+    """weights=timm: the hub model is built at its own grid, then its embedding is resized by the
+    requested mode (timm's own resize, bicubic, is replaced)."""
+    import gapt.model.build as build
+    from gapt.model.backbones import BackboneSpec, create_vit
+    spec = BackboneSpec("hub_tiny", dict(patch_size=8, embed_dim=32, depth=1, num_heads=2), pooling="mean",
+                        checkpoint_format="timm", image_size=32, timm_name="hub_tiny")
+
+    def fake_create(s, image_size=None, pretrained_timm=False):
+        assert pretrained_timm and image_size is None  # the hub's own grid, not the target's
+        vit = create_vit(BackboneSpec("x", s.arch, "mean", "mae", image_size=32))
+        with torch.no_grad():
+            vit.pos_embed.copy_(ramp_pos_embed(4))
+        return vit
+    monkeypatch.setattr(build, "create_vit", fake_create)
+    vit, _ = build.build_backbone(spec, "timm", image_size=56, pos_embed_interpolation="bilinear")
+    assert tuple(vit.patch_embed.grid_size) == (7, 7)
+    assert torch.allclose(vit.pos_embed[0, 1:], bilinear_ramp(4, 7), atol=1e-4)
+    assert torch.equal(vit.pos_embed[0, 0], torch.full((32,), 7.0))
