@@ -26,7 +26,13 @@ def build_backbone(backbone: Union[str, BackboneSpec], weights: Optional[str] = 
     ``image_size``'s grid (bicubic as timm; bilinear as MMSegmentation's SETR).
     """
     spec = backbone if isinstance(backbone, BackboneSpec) else resolve_spec(backbone)
-    check_mode(pos_embed_interpolation)
+    vit, spec = _build_backbone(spec, weights, image_size, random_seed, check_mode(pos_embed_interpolation))
+    vit.pos_embed_interpolation = pos_embed_interpolation  # read by PromptedViT.embed for other grids
+    return vit, spec
+
+
+def _build_backbone(spec: BackboneSpec, weights: Optional[str], image_size: Optional[int],
+                    random_seed: Optional[int], pos_embed_interpolation: str):
     if weights == "timm":
         if not spec.timm_name:
             raise ValueError(f"backbone '{spec.name}' has no timm hub weights; pass a checkpoint path")
@@ -69,13 +75,11 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
     for the checkpoint's position embedding and for inputs of another patch grid.
     """
     vit, spec = build_backbone(backbone, weights, image_size, random_seed, pos_embed_interpolation)
-    model = PromptedViT(vit, method=method, num_prompts=num_prompts, num_classes=num_classes,
+    return PromptedViT(vit, method=method, num_prompts=num_prompts, num_classes=num_classes,
                        gate_init=gate_init, learn_temperature=learn_temperature,
                        insert_at_block=insert_at_block, prompt_dropout=prompt_dropout,
                        pooling=pooling or default_pooling(spec, vit), backbone_name=spec.name,
                        class_names=class_names, image_size=image_size or vit.patch_embed.img_size[0])
-    model.pos_embed_interpolation = pos_embed_interpolation
-    return model
 
 
 def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Optional[int] = None) -> PromptedViT:

@@ -74,10 +74,6 @@ def prompt_init_bound(patch_size: Sequence[int], embed_dim: int) -> float:
 class PromptedViT(nn.Module):
     """A frozen timm VisionTransformer + one transfer method + a linear head."""
 
-    # how the position embedding meets another patch grid: timm's bicubic; segmentation sets
-    # bilinear (SETR), see model/posembed.py
-    pos_embed_interpolation = "bicubic"
-
     def __init__(self, vit: nn.Module, *, method: str = "gated", num_prompts: int = 100,
                  num_classes: int = 1000, gate_init: float = 5.0, learn_temperature: bool = False,
                  insert_at_block: int = 1, prompt_dropout: float = 0.1, pooling: str = "mean",
@@ -162,6 +158,12 @@ class PromptedViT(nn.Module):
         """Projection of tau onto [0.01, 10], outside the autograd graph (SPEC §3)."""
         if self.temperature is not None:
             self.temperature.clamp_(*TEMPERATURE_RANGE)
+
+    @property
+    def pos_embed_interpolation(self) -> str:
+        """How the position embedding meets another patch grid: timm's bicubic unless the backbone
+        was built with another mode (segmentation: bilinear, as SETR; see model/posembed.py)."""
+        return getattr(self.backbone, "pos_embed_interpolation", "bicubic")
 
     # -- forward ----------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
