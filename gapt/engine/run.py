@@ -24,6 +24,7 @@ from .. import config as C
 from ..method import MethodSettings
 from . import distributed as dist
 from . import runfolder as rf
+from .precision import autocast_dtype_for, precision_record, precision_scope
 
 log = logging.getLogger("gapt")
 
@@ -51,9 +52,7 @@ def resolve_device(cfg: C.RunConfig) -> torch.device:
 
 
 def autocast_dtype(cfg: C.RunConfig, device: torch.device) -> Optional[torch.dtype]:
-    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    return autocast_dtype_for(cfg.train.precision, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -84,9 +83,10 @@ def config_for_resume(run_dir: str) -> C.RunConfig:
 
 
 def in_process_group(cfg: C.RunConfig, body: Callable[[torch.device], Dict]) -> Dict:
-    """``body(device)`` inside this process's torchrun group (created and destroyed here if needed)."""
+    """``body(device)`` inside this process's torchrun group (created and destroyed here if needed),
+    at the run's precision (fp32: TF32 off while it lasts)."""
     device = resolve_device(cfg)
-    with dist.process_group(device.type):
+    with dist.process_group(device.type), precision_scope(cfg.train.precision, device):
         return body(device)
 
 
@@ -197,7 +197,8 @@ class Run:
         return {"backbone": cfg.backbone, **settings, "benchmark": cfg.data.format, "task": task,
                 "seed": cfg.train.seed, "final": final, "metrics": metrics, "data": data,
                 "tuned_params": tuned_params, "train_time_s": train_time, "device": str(self.device),
-                "precision": "bf16" if self.dtype else "fp32", "world_size": self.world,
+                **precision_record(cfg.train.precision, self.device),
+                "pos_embed_interpolation": model.pos_embed_interpolation, "world_size": self.world,
                 "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
 
     def finish(self, results: Dict, write_files: Callable[[], None]) -> Dict:

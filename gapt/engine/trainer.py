@@ -17,6 +17,7 @@ from ..method import MethodSettings
 from ..model import PromptedViT, build_model
 from . import distributed as dist
 from . import runfolder as rf
+from .precision import autocast_dtype_for, precision_record, precision_scope
 from .progress import Progress, summary
 from .run import Run, check_finite, in_process_group, seed_everything
 from .schedule import LRSchedule

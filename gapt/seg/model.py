@@ -25,6 +25,7 @@ log = logging.getLogger("gapt")
 
 TUNED_FORMAT = "gapt-seg-tuned"
 REFERENCE_DEPTH, REFERENCE_AUX_BLOCKS = 12, (5, 9)   # the paper's ViT-B choice (SPEC §6)
+SEG_POS_EMBED_INTERPOLATION = "bilinear"   # MMSegmentation SETR's interpolate_mode (classification: bicubic)
 
 
 def aux_blocks_for_depth(depth: int) -> Tuple[int, ...]:
@@ -58,7 +59,8 @@ def build_seg_model(cfg: C.RunConfig, num_classes: int, class_names: Optional[Li
         if cfg.weights is None:
             warnings.simplefilter("ignore")
         encoder = build_model(cfg.backbone, MethodSettings.of(cfg), num_classes=num_classes, weights=cfg.weights,
-                              image_size=cfg.crop_size, class_names=class_names, random_seed=cfg.train.seed)
+                              image_size=cfg.crop_size, class_names=class_names, random_seed=cfg.train.seed,
+                              pos_embed_interpolation=SEG_POS_EMBED_INTERPOLATION)
     encoder.head = nn.Identity()
     encoder.backbone.norm.requires_grad_(False)  # the heads read tokens before the final norm (method full)
     encoder.grad_checkpointing = cfg.train.grad_checkpointing

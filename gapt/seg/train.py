@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .. import config as C
 from ..engine import distributed as dist
 from ..engine import runfolder as rf
+from ..engine.precision import precision_record, precision_scope
 from ..engine.progress import Progress
 from ..engine.run import Run, in_process_group, seed_everything
 from .evaluate import evaluate_seg, write_eval_file
