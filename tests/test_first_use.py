@@ -2,6 +2,7 @@
 would, with the test that now guards it (MoCo v3 sin-cos grid, seg default format, warm-up
 default, `analyze gates` on segmentation runs)."""
 import json
+import math
 import warnings
 
 import pytest
@@ -63,3 +64,44 @@ def test_moco_position_embedding_at_224_384_512(tmp_path):
     # the registered MoCo backbones build the same grid
     vits = create_vit(BACKBONES["mocov3_vits16"], image_size=384)
     assert torch.allclose(vits.pos_embed.detach(), moco_v3_sincos(24, 24, 384), atol=1e-5)
+
+
+# -- 3. train.warmup_epochs defaults to auto = round(epochs / 10) ---------------------------
+SHORT = ["backbone=test_mae_tiny", "weights=null", "image_size=32", "num_prompts=2", "train.batch_size=32",
+         "data.format=shapes", "data.name=count", "data.num_samples=64", "data.num_workers=0", "device=cpu"]
+
+
+@pytest.mark.parametrize("epochs, warmup", [(1, 0), (2, 0), (4, 0), (5, 1), (14, 1), (15, 2), (100, 10), (150, 15)])
+def test_auto_warmup_is_a_tenth_of_the_epochs(epochs, warmup):
+    from gapt.config import load_config, warmup_epochs
+    cfg = load_config(None, [f"train.epochs={epochs}"])
+    assert cfg.train.warmup_epochs == "auto" and warmup_epochs(cfg.train) == warmup
+    explicit = load_config(None, [f"train.epochs={epochs}", f"train.warmup_epochs={min(3, epochs)}"])
+    assert warmup_epochs(explicit.train) == min(3, epochs)
+
+
+def test_explicit_warmup_is_still_checked(capsys):
+    from gapt.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"'train\.warmup_epochs': 3 .*train\.epochs=2"):
+        load_config(None, ["train.epochs=2", "train.warmup_epochs=3"])
+    for bad in ("soon", "-1", "true"):
+        with pytest.raises(ConfigError, match=r"train\.warmup_epochs"):
+            load_config(None, ["train.epochs=2", f"train.warmup_epochs={bad}"])
+    assert main(["keys"]) == 0
+    assert "train.warmup_epochs = 'auto'" in capsys.readouterr().out
+
+
+def test_short_train_and_sweep_need_no_warmup_override(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SHORT, "train.epochs=2", "train.lr=0.3", f"out={run}"]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    # no warm-up: each line's lr (the epoch's last step; 2 steps of 32 of 64 images) is the plain
+    # cosine over 4 steps, lr(p) = 0.3 * (1 + cos(pi p / 4)) / 2 (a 1-epoch warm-up gives 0.15 at p = 1)
+    assert [r["lr"] for r in lines] == pytest.approx([0.3 * (1 + math.cos(math.pi * p / 4)) / 2 for p in (1, 3)])
+    cfg = tmp_path / "short.yaml"
+    cfg.write_text("train:\n  epochs: 3\n  batch_size: 32\nbackbone: test_mae_tiny\nweights: null\n")
+    capsys.readouterr()
+    assert main(["sweep", "--config", str(cfg), f"out={tmp_path / 'sw'}", "--dry-run", "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert len(state["trials"]) == 7  # SPEC §6's learning rates, each a valid 3-epoch config
