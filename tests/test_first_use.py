@@ -105,3 +105,24 @@ def test_short_train_and_sweep_need_no_warmup_override(tmp_path, capsys):
     assert main(["sweep", "--config", str(cfg), f"out={tmp_path / 'sw'}", "--dry-run", "--json"]) == 0
     state = json.loads(capsys.readouterr().out)
     assert len(state["trials"]) == 7  # SPEC §6's learning rates, each a valid 3-epoch config
+
+
+# -- 2. `gapt seg train` without --config reads ADE20K ----------------------------------------
+def test_seg_train_defaults_to_ade20k(tmp_path, monkeypatch):
+    import gapt.seg.train as seg_train
+    from test_seg_run import write_ade
+    monkeypatch.setattr(seg_train, "HEAD_CHANNELS", 8)
+    root = write_ade(tmp_path / "ADEChallengeData2016", n_train=2, n_val=1)
+    out = tmp_path / "run"
+    assert main(["seg", "train", f"data.root={root}", "backbone=test_mae_tiny", "weights=null", "num_prompts=2",
+                 "crop_size=32", "train.batch_size=2", "train.iterations=1", "data.num_workers=0", "device=cpu",
+                 f"out={out}"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["benchmark"] == "ade20k" and res["data"]["num_classes"] == 150
+    saved = (out / "config.yaml").read_text()
+    assert "format: ade20k" in saved and "lr: 0.001" in saved  # the SETR recipe's lr, not classification's 0.1
+    # a preset or an override still decides
+    from gapt.config import load_config
+    from gapt.seg.commands import SEG_DEFAULTS
+    assert load_config(None, ["data.format=seg_folder"], base=SEG_DEFAULTS).data.format == "seg_folder"
+    assert load_config(None, [], base=SEG_DEFAULTS).train.iterations == 160000
