@@ -126,3 +126,31 @@ def test_seg_train_defaults_to_ade20k(tmp_path, monkeypatch):
     from gapt.seg.commands import SEG_DEFAULTS
     assert load_config(None, ["data.format=seg_folder"], base=SEG_DEFAULTS).data.format == "seg_folder"
     assert load_config(None, [], base=SEG_DEFAULTS).train.iterations == 160000
+
+
+# -- 4. `gapt analyze gates` reads segmentation runs --------------------------------------------
+def test_analyze_gates_reads_a_segmentation_run(tmp_path, monkeypatch, capsys):
+    import gapt.seg.train as seg_train
+    from safetensors.torch import load_file
+    from test_seg_run import overrides, write_ade
+    monkeypatch.setattr(seg_train, "HEAD_CHANNELS", 8)
+    root = write_ade(tmp_path / "ade", n_train=2, n_val=1)
+    seg = tmp_path / "ade-gated"
+    assert main(["seg", "train", *overrides(root, seg, gate_init=1, learn_temperature="true", num_prompts=2,
+                                            **{"train.iterations": 2, "train.eval_every": 0, "train.lr": 0.5})]) == 0
+    cls = tmp_path / "cls-gated"
+    assert main(["train", *SHORT, "method=gated", "learn_temperature=true", "train.epochs=1", f"out={cls}"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", "gates", str(seg), str(cls), "--out", str(tmp_path / "figs")]) == 0
+    rows = json.loads((tmp_path / "figs" / "gates.json").read_text())["runs"]
+    assert [r["run"] for r in rows] == [str(seg), str(cls)]
+    tensors = load_file(seg / "tuned.safetensors")
+    logits, temps = tensors["encoder.gate_logits"].double(), tensors["encoder.temperature"].double()
+    # SPEC §2, by hand: g~_l = g_l * prod_{k > l} (1 - g_k); r_l = g~_l / sum_j g~_j
+    g = torch.sigmoid(logits)
+    tilde = torch.stack([g[i] * torch.prod(1 - g[i + 1:]) for i in range(len(g))])
+    assert rows[0]["gate"] == pytest.approx(g.tolist(), abs=1e-6)
+    assert rows[0]["selection_ratio"] == pytest.approx((tilde / tilde.sum()).tolist(), abs=1e-6)
+    assert rows[0]["inserted_prompt_weight"] == pytest.approx(torch.prod(1 - g).item(), abs=1e-6)
+    assert rows[0]["temperature"] == pytest.approx(temps.clamp(0.01, 10).tolist(), abs=1e-6)
+    assert len(rows[1]["gate"]) == 3 and rows[0]["method"] == rows[1]["method"] == "gated"
