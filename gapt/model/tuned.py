@@ -93,13 +93,11 @@ def read_encoder_tuned(path: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
         raise CheckpointError(f"tuned file not found: {path}")
     try:
         with safe_open(str(p), framework="pt") as f:
-            fmt = (f.metadata() or {}).get("format")
+            meta = f.metadata() or {}
     except Exception as e:
         raise CheckpointError(f"{path} is not a safetensors file: {str(e).splitlines()[0]}") from None
-    if fmt != SEG_FORMAT:
+    if meta.get("format") != SEG_FORMAT:
         return read_tuned_metadata(path), load_file(str(p))
-    with safe_open(str(p), framework="pt") as f:
-        meta = f.metadata()
     if "config" not in meta:
         raise CheckpointError(f"{path} is a gapt segmentation tuned file without its config metadata")
     tensors = load_file(str(p))
