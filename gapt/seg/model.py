@@ -18,12 +18,13 @@ import torch.nn as nn
 
 from .. import config as C
 from ..method import MethodSettings
+from ..model.tuned import SEG_FORMAT
 from .head import SegmentationModel
 from .recipe import HEAD_CHANNELS
 
 log = logging.getLogger("gapt")
 
-TUNED_FORMAT = "gapt-seg-tuned"
+TUNED_FORMAT = SEG_FORMAT  # defined beside the classification format: analyses read both
 REFERENCE_DEPTH, REFERENCE_AUX_BLOCKS = 12, (5, 9)   # the paper's ViT-B choice (SPEC §6)
 SEG_POS_EMBED_INTERPOLATION = "bilinear"   # MMSegmentation SETR's interpolate_mode (classification: bicubic)
 
