@@ -237,11 +237,11 @@ def pretrain(recipe: Dict[str, object], log_every: int = 100, on_checkpoint=None
     print(f"rendered {len(pool)} unlabelled images in {time.time() - t0:.1f}s", flush=True)
 
     encoder = build_encoder()
-    if init is not None:
-        from safetensors.torch import load_file
-        encoder.load_state_dict(load_file(str(init)), strict=True)
     model = MaskedAutoencoder(encoder, int(recipe["decoder_embed_dim"]), int(recipe["decoder_depth"]),
                               int(recipe["decoder_num_heads"]))
+    if init is not None:  # after the wrapper, whose MAE init re-initialises the encoder too
+        from safetensors.torch import load_file
+        encoder.load_state_dict(load_file(str(init)), strict=True)
     optimizer = torch.optim.AdamW(param_groups(model, float(recipe["weight_decay"])),
                                   lr=float(recipe["lr"]), betas=tuple(recipe["betas"]))
     steps, bs = int(recipe["steps"]), int(recipe["batch_size"])

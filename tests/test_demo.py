@@ -100,3 +100,30 @@ def test_standard_error_and_best_marked():
                         "methods": {"linear": entry(30.0), "vpt-deep": entry(50.0)}}}
     text = format_report(detail, ["linear", "vpt-deep"], quick=True)
     assert "| count (16.7 %) | 30.0 ± 4.6 | **50.0 ± 5.0** |" in text
+
+
+def test_pretraining_continues_from_an_encoder(tmp_path):
+    """scripts/pretrain_demo_mae.py --init: one step from the shipped encoder stays next to it
+    (a fresh init would be far away) and the new file records where it started."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from gapt.demo.run import ASSET
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_demo_mae.py"
+    spec = importlib.util.spec_from_file_location("pretrain_demo_mae", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "next.safetensors"
+    module.main(["--init", str(ASSET), "--steps", "1", "--num-images", "128", "--lr", "1e-4", "--out", str(out)])
+    before, after = load_file(str(ASSET)), load_file(str(out))
+    assert before.keys() == after.keys()
+    diff = max(float((after[k] - before[k]).abs().max()) for k in before)
+    assert 0 < diff < 1e-3          # Adam moves each weight by at most ~lr in one step
+    with safe_open(str(ASSET), framework="pt") as f:
+        start = f.metadata()
+    with safe_open(str(out), framework="pt") as f:
+        recipe = json.loads(f.metadata()["recipe"])
+    assert recipe["init_from"]["final_loss"] == float(start["final_loss"]) and recipe["lr"] == 1e-4
