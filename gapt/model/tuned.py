@@ -19,7 +19,8 @@ log = logging.getLogger("gapt")
 
 FORMAT = "gapt-tuned"
 # Hyper-parameters that must agree between a file and the model it is loaded into.
-IDENTITY_KEYS = ("backbone", "method", "num_prompts", "learn_temperature", "insert_at_block", "num_classes")
+IDENTITY_KEYS = ("backbone", "method", "num_prompts", "learn_temperature", "insert_at_block", "num_classes",
+                 "gate_type")
 REFERENCE_KEYS = {
     "enc.prompt_embeddings": "prompt_embeddings",
     "enc.deep_prompt_embeddings": "deep_prompt_embeddings",
@@ -39,6 +40,7 @@ def model_identity(model) -> Dict:
         "num_classes": model.num_classes, "gate_init": model.gate_init, "pooling": model.pooling,
         "image_size": model.image_size, "depth": model.depth, "embed_dim": model.embed_dim,
         "prompt_dropout": model.prompt_dropout.p, "class_names": model.class_names,
+        "gate_type": model.gate_type, "gate_temperature": model.gate_temperature,
     }
 
 
