@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Command groups that live beside the layer they drive.
-COMMAND_MODULES: List[str] = ["gapt.protocol.analyze_commands", "gapt.seg.commands", "gapt.protocol.sweep_commands"]
+COMMAND_MODULES: List[str] = ["gapt.protocol.analyze_commands", "gapt.seg.commands", "gapt.protocol.sweep_commands",
+                              "gapt.protocol.reproduce_commands"]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

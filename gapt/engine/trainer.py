@@ -338,6 +338,7 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0,
         "gate_type": cfg.gate_type, "gate_temperature": cfg.gate_temperature, "batch_size": t.batch_size,
         "prompt_dropout": cfg.prompt_dropout, "pooling": model.pooling,
+        "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
     }
     if dist.is_main():
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})

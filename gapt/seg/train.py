@@ -533,3 +533,9 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
                  f" (multi-scale {_pct(ms.miou)})" if ms is not None else "", out)
     dist.barrier()
     return results
+
+
+def train_seg_multi_scale(cfg: C.RunConfig, resume: bool = False) -> Dict:
+    """train_seg with the multi-scale + flip evaluation at the end (mIoU_ms): what `gapt reproduce`'s
+    ADE20K runs call through the sweep executors (``gapt.seg.train:train_seg_multi_scale``)."""
+    return train_seg(cfg, resume=resume, multi_scale=True)
