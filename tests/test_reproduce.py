@@ -227,3 +227,42 @@ def test_table4_end_to_end(fixture, tmp_path, capsys):
     finally:
         trainer.train = real
     assert calls == []
+
+
+# -- paper.py's Tables 4, 6, 8 and Fig. 7's text, against SPEC §8 typed here ---------------------------
+def test_paper_tables_4_6_8_and_fig7_text():
+    from gapt.protocol.paper import FIG7_TEXT, TABLES
+    got = {(r.backbone, r.label, r.gate_type): tuple(r.values[c] for c in TABLES["table4"].columns)
+           for r in TABLES["table4"].rows}
+    assert got == {("mae_vitb16", label, "hard" if "hard" in label else "soft"): v for label, v in SPEC_TABLE4.items()}
+    spec6 = {"mae_vitb16": [(34.77, 35.93), (37.03, 38.25), (38.13, 39.23)],
+             "mocov3_vitb16": [(34.75, 36.34), (35.96, 37.47), (37.02, 38.57)]}
+    for r in TABLES["table6"].rows:
+        i = ["vpt-shallow", "vpt-deep", "gated"].index(r.method)
+        assert (r.values["miou"], r.values["miou_ms"]) == spec6[r.backbone][i]
+        assert r.num_prompts == (2 if r.method == "vpt-deep" else 24)
+    spec8 = {"mae_vitl16": [(39.26, 62.77), (70.54, 65.44), (72.99, 74.71)],
+             "mocov3_vits16": [(68.62, 84.65), (73.18, 89.53), (73.30, 91.14)]}
+    for r in TABLES["table8"].rows:
+        i = ["vpt-shallow", "vpt-deep", "gated+temperature"].index(r.method)
+        assert (r.values["cub"], r.values["flowers"]) == spec8[r.backbone][i]
+    assert FIG7_TEXT == {("gated+temperature", 24): 66.1, ("vpt-deep", 48): 60.9}
+    assert [r.total_params for r in TABLES["table2"].rows if r.backbone == "mae_vitb16"] == [1.01, 1.04, 1.01]
+    assert {r.total_params for r in TABLES["table1"].rows} == {1.02}
+    t5 = {(r.label, r.backbone): (r.values["batch"], r.values["prompts"], r.values["lr"], r.values["gate_init"])
+          for r in TABLES["table5"].rows}
+    assert t5 == {(t, b): v for (t, b), v in TABLE5.items()}
+
+
+def test_reproduce_modules_do_not_import_torch_at_top_level():
+    """`gapt reproduce --help` stays fast: these modules (and what they import at top level) need no torch."""
+    import ast
+    import gapt
+    pkg = Path(gapt.__file__).parent
+    for rel in ("protocol/reproduce.py", "protocol/reproduce_commands.py", "protocol/paper.py", "config.py"):
+        tree = ast.parse((pkg / rel).read_text())
+        names = [a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names]
+        names += [node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)]
+        assert not [n for n in names if n.split(".")[0] in ("torch", "timm")], rel
+        relative = [node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level]
+        assert set(relative) <= {None, "config", "paper", "reproduce"}, (rel, relative)
