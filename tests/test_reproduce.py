@@ -266,3 +266,31 @@ def test_reproduce_modules_do_not_import_torch_at_top_level():
         assert not [n for n in names if n.split(".")[0] in ("torch", "timm")], rel
         relative = [node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level]
         assert set(relative) <= {None, "config", "paper", "reproduce"}, (rel, relative)
+
+
+def test_table6_runs_segmentation_through_the_sweep_executor(tmp_path, monkeypatch, capsys):
+    """ADE20K cells train with the segmentation trainer (multi-scale at the end) and meet Table 6's cells."""
+    import gapt.seg.train as seg_train
+    from test_seg_run import write_ade
+    monkeypatch.setattr(seg_train, "HEAD_CHANNELS", 16)
+    data = tmp_path / "data"
+    write_ade(data / "ADEChallengeData2016", n_train=2, n_val=1)
+    out = tmp_path / "rep"
+    tiny = ["backbone=test_mae_tiny", "weights=null", "crop_size=32", "train.batch_size=2", "train.iterations=2",
+            "train.eval_every=0", "train.lr=0.01", "train.min_lr=0.0001", "data.num_workers=0", "device=cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["reproduce", "table6", "--backbone", "mae_vitb16", "--data-root", str(data), "--out", str(out),
+                     "--workers", "0", *tiny]) == 0
+    capsys.readouterr()
+    spec6 = {"VPT-shallow": (34.77, 35.93), "VPT-deep": (37.03, 38.25), "Ours": (38.13, 39.23)}
+    slug = {"VPT-shallow": "vpt-shallow-np24", "VPT-deep": "vpt-deep-np2", "Ours": "ours-np24"}
+    rows = list(csv.DictReader((out / "table6.csv").open()))
+    assert len(rows) == 3 * 2
+    for r in rows:
+        res = json.loads((out / "mae_vitb16" / slug[r["row"]] / "ade20k" / "final" / "seed42" / "results.json")
+                         .read_text())
+        assert res["num_prompts"] == (2 if r["row"] == "VPT-deep" else 24) and res["iterations"] == 2
+        metric = {"miou": "mIoU", "miou_ms": "mIoU_ms"}[r["column"]]
+        paper = spec6[r["row"]][0 if metric == "mIoU" else 1]
+        assert float(r["ours"]) == pytest.approx(res["metrics"][metric], abs=1e-4) and float(r["paper"]) == paper
