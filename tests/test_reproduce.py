@@ -294,3 +294,21 @@ def test_table6_runs_segmentation_through_the_sweep_executor(tmp_path, monkeypat
         metric = {"miou": "mIoU", "miou_ms": "mIoU_ms"}[r["column"]]
         paper = spec6[r["row"]][0 if metric == "mIoU" else 1]
         assert float(r["ours"]) == pytest.approx(res["metrics"][metric], abs=1e-4) and float(r["paper"]) == paper
+
+
+def test_failed_runs_are_listed_and_the_exit_code_says_so(fixture, tmp_path, monkeypatch, capsys):
+    from gapt.engine import trainer
+    data, weights = fixture
+
+    def broken(cfg, **kw):
+        raise RuntimeError(f"boom in {Path(cfg.out).relative_to(tmp_path / 'rep').as_posix()}")
+    monkeypatch.setattr(trainer, "train", broken)
+    out = tmp_path / "rep"
+    assert main(["reproduce", "table4", "--data-root", str(data), "--weights", str(weights), "--out", str(out),
+                 "--workers", "0", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "6 cell(s) failed" in err and "boom in mae_vitb16/ours-hard/cub/final/seed42" in err
+    assert "all 7 trial(s)" in err  # the swept VPT-shallow cells: every trial failed
+    state = json.loads((out / "reproduce.json").read_text())
+    assert state["status"] == "failed" and len(state["failed"]) == 6
+    assert all(r["ours"] == "" for r in csv.DictReader((out / "table4.csv").open()))
