@@ -312,3 +312,68 @@ def test_failed_runs_are_listed_and_the_exit_code_says_so(fixture, tmp_path, mon
     state = json.loads((out / "reproduce.json").read_text())
     assert state["status"] == "failed" and len(state["failed"]) == 6
     assert all(r["ours"] == "" for r in csv.DictReader((out / "table4.csv").open()))
+
+
+SPEC_TABLE7 = {  # (row label, per-block prompts) -> CUB Flowers Cars Dogs NABirds mean
+    ("VPT-deep, 24 prompts", 2): (59.68, 67.51, 57.68, 77.91, 54.65, 63.49),
+    ("Ours, 24 prompts", 24): (65.26, 73.80, 66.09, 75.72, 62.10, 68.59),
+    ("VPT-deep, 48 prompts", 4): (66.43, 71.31, 64.06, 78.89, 60.62, 68.26),
+    ("Ours, 48 prompts", 48): (69.00, 74.71, 70.29, 76.77, 63.73, 70.90),
+    ("VPT-deep, 96 prompts", 8): (70.85, 76.29, 67.63, 78.38, 62.99, 71.23),
+    ("Ours, 96 prompts", 96): (71.40, 75.96, 72.16, 77.81, 66.25, 72.72),
+}
+
+
+def fake_final(out, spec, seed, top1, **extra):
+    folder = out / spec.name / "final" / f"seed{seed}"
+    folder.mkdir(parents=True)
+    res = {"seed": seed, "final": True, "metrics": {"test_top1": top1}, **extra}
+    (folder / "results.json").write_text(json.dumps(res))
+
+
+def test_render_only_table7_and_table8_beside_the_paper(tmp_path, capsys):
+    out = tmp_path / "t7"
+    plan = R.get_plan("table7")
+    ours = {}
+    for i, s in enumerate(plan.specs):
+        for seed, x in ((42, 40.0 + i), (43, 42.0 + i)):
+            if s.task == "nabirds" and s.num_prompts == 96 and seed == 43:
+                continue
+            fake_final(out, s, seed, x)
+        ours[(s.row, s.task)] = 41.0 + i if not (s.task == "nabirds" and s.num_prompts == 96) else 40.0 + i
+    # one cell missing entirely: its row's mean is missing too
+    missing = next(s for s in plan.specs if s.row == "VPT-deep, 24 prompts" and s.task == "dogs")
+    import shutil
+    shutil.rmtree(out / missing.name)
+    assert main(["reproduce", "table7", "--render-only", "--out", str(out), "--seeds", "2"]) == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader((out / "table7.csv").open()))
+    cols = ["cub", "flowers", "cars", "dogs", "nabirds", "mean"]
+    assert len(rows) == 6 * 6
+    for r in rows:
+        paper = SPEC_TABLE7[(r["row"], int(r["num_prompts"]))][cols.index(r["column"])]
+        assert float(r["paper"]) == paper
+        if r["column"] == "mean":
+            vals = [ours[(r["row"], t)] for t in cols[:-1]]
+            if r["row"] == "VPT-deep, 24 prompts":
+                assert r["ours"] == "" and r["diff"] == ""
+                continue
+            expected = sum(vals) / 5
+        elif (r["row"], r["column"]) == (missing.row, missing.task):
+            assert r["ours"] == ""
+            continue
+        else:
+            expected = ours[(r["row"], r["column"])]
+        assert float(r["ours"]) == pytest.approx(expected, abs=1e-4)
+        assert float(r["diff"]) == pytest.approx(expected - paper, abs=2e-4)
+    md = (out / "table7.md").read_text()
+    assert "Fig. 7" in md  # the text/table disagreement is stated beside the table
+
+    out8 = tmp_path / "t8"
+    plan8 = R.get_plan("table8")
+    for s in plan8.specs:
+        fake_final(out8, s, 42, 50.0)
+    assert main(["reproduce", "table8", "--render-only", "--out", str(out8)]) == 0
+    got = {(r["backbone"], r["row"], r["column"]): float(r["paper"]) for r in csv.DictReader((out8 / "table8.csv").open())}
+    assert got[("mae_vitl16", "Ours", "cub")] == 72.99 and got[("mocov3_vits16", "VPT-deep", "flowers")] == 89.53
+    assert len(got) == 2 * 3 * 2

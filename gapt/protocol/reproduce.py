@@ -523,7 +523,8 @@ def render_table(plan: Plan, results: Dict[str, List[Dict[str, Any]]], out_dir) 
     csv_lines = ["table,backbone,row,method,gate_type,num_prompts,column,ours,paper,diff,seeds"]
     for r in rows:
         cells = [f"{_fmt(c['ours'])} / {_fmt(c['paper'])} ({_fmt(c['diff'], True)})" for c in r["cells"].values()]
-        line = [r["backbone"], r["row"], r["gate_type"], str(r["num_prompts"] or "per task"),
+        prompts = "per task" if not r["num_prompts"] else f"{r['num_prompts']}{'/block' if r['method'] == 'vpt-deep' else ''}"
+        line = [r["backbone"], r["row"], r["gate_type"], prompts,
                 " ".join(map(str, r["seeds"])) or "—"] + cells
         if with_params:
             tp, pp = r["total_params"], r["paper_total_params"]
