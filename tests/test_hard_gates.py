@@ -112,3 +112,18 @@ def test_resume_reproduces_the_noise_and_the_file_keeps_the_gate_type(tmp_path):
     model = load_model(str(tmp_path / "full" / "tuned.safetensors"), random_seed=42)
     assert model.gate_type == "hard" and model.gate_temperature == 0.7
     assert set(model.eval().gate_values().tolist()) <= {0.0, 1.0}
+
+
+def test_selection_ratio_of_hard_gates_uses_the_eval_gates():
+    from gapt.model import selection_ratio
+    model = tiny_model(method="gated", gate_type="hard")
+    with torch.no_grad():
+        model.gate_logits.copy_(torch.tensor([0.7, -0.2, 3.0]))
+    out = selection_ratio(model)
+    # g = [1, 0, 1]: g~_1 = 1 * (1 - 0) * (1 - 1) = 0, g~_2 = 0, g~_3 = 1
+    assert out["gate"] == [1.0, 0.0, 1.0] and out["selection_ratio"] == [0.0, 0.0, 1.0]
+    assert out["inserted_prompt_weight"] == 0.0
+    with torch.no_grad():
+        model.gate_logits.fill_(-1.0)  # every gate closed: the inserted prompt reaches the last block untouched
+    out = selection_ratio(model)
+    assert out["selection_ratio"] == [0.0, 0.0, 0.0] and out["inserted_prompt_weight"] == 1.0
