@@ -10,7 +10,6 @@ from conftest import tiny_model
 from gapt.config import ConfigError, load_config
 from gapt.engine.trainer import train
 from gapt.model import load_model
-from gapt.model.prompted import mix_prompts
 from test_engine import TINY, make_folder_dataset, metrics_without_timing
 
 

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .paper import (ADE20K_METRICS, FGVC_TASKS, VTAB_GROUP_OF, VTAB_GROUPS, VTAB_TASKS, find_paper_row,
-                    method_key as _method_key, paper_number)
+                    method_key as _method_key)
 
 RESULTS_FILE = "results.json"
 MISSING = "—"  # shown in Markdown for a missing value (CSV leaves the cell empty)
