@@ -68,13 +68,13 @@ CSV_FIELDS = ("section", "benchmark", "backbone", "method", "group", "name", "me
 
 # What a run was, besides its seed: runs pool into one row only when all of these agree.
 SETTING_KEYS = ("num_prompts", "gate_type", "gate_temperature", "gate_init", "lr", "weight_decay", "batch_size",
-                "epochs", "iterations", "prompt_dropout", "pooling", "precision", "final")
+                "epochs", "iterations", "prompt_dropout", "pooling", "precision", "tf32", "final")
 # Settings the paper picks per task (Table 5): a benchmark mean may combine tasks that differ in them.
 PER_TASK_KEYS = {"fgvc": ("lr", "gate_init", "batch_size", "weight_decay"),
                  "vtab": ("lr", "gate_init", "batch_size", "weight_decay", "num_prompts")}
 _SHORT = {"num_prompts": "np", "gate_type": "gate", "gate_temperature": "t", "gate_init": "gi", "lr": "lr",
           "weight_decay": "wd", "batch_size": "bs", "epochs": "ep", "iterations": "it", "prompt_dropout": "pd",
-          "pooling": "pool", "precision": "", "final": ""}
+          "pooling": "pool", "precision": "", "tf32": "", "final": ""}
 
 _BENCHMARK_ORDER = ("fgvc", "vtab", "ade20k")
 _METHOD_ORDER = ("linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
@@ -205,6 +205,8 @@ def settings_text(settings: Sequence[Tuple[str, Any]]) -> str:
             parts.append("final" if value else "trial")
         elif key == "precision":
             parts.append(str(value))
+        elif key == "tf32":
+            parts.append("tf32" if value else "no-tf32")
         else:
             parts.append(f"{_SHORT[key]}={value:g}" if isinstance(value, float) else f"{_SHORT[key]}={value}")
     return " ".join(parts)
