@@ -58,7 +58,7 @@ SEG_BASELINE_PROMPTS = {"vpt-shallow": 100, "vpt-deep": 10}  # deep per block: g
 def train_block(batch: int, lr: float, lr_note: str) -> str:
     return f"""train:
   epochs: 100
-  warmup_epochs: 10
+  warmup_epochs: auto       # 10 at 100 epochs (SPEC §6); a short smoke run warms up less
   batch_size: {batch}
   lr: {lr:g}{' ' * max(1, 22 - len(f'{lr:g}'))}# {lr_note}
   weight_decay: 0.0

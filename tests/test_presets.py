@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 import gapt
-from gapt.config import load_config
+from gapt.config import load_config, warmup_epochs
 
 PRESETS = Path(gapt.__file__).parent / "configs"
 
@@ -66,7 +66,7 @@ def test_ours_presets_are_table5(task, backbone, batch, prompts, lr, gate_init):
         assert cfg.learn_temperature is False and cfg.train.iterations == 160000
     else:  # 100 epochs, 10 warm-up, the reference's final split
         assert cfg.learn_temperature is True and cfg.data.final is True
-        assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.momentum) == (100, 10, 0.9)
+        assert (cfg.train.epochs, warmup_epochs(cfg.train), cfg.train.momentum) == (100, 10, 0.9)
         assert cfg.data.format == ("fgvc" if task in FGVC else "vtab") and cfg.data.name == task
 
 

@@ -111,8 +111,7 @@ def test_table8_plan():
 def test_unknown_table_and_dry_run_cli(tmp_path, capsys):
     assert main(["reproduce", "table9", "--dry-run"]) == 1
     assert "table1" in capsys.readouterr().err
-    assert main(["reproduce", "table4", "--dry-run", "--out", str(tmp_path / "o"), "train.epochs=3",
-                 "train.warmup_epochs=0"]) == 0
+    assert main(["reproduce", "table4", "--dry-run", "--out", str(tmp_path / "o"), "train.epochs=3"]) == 0
     out = capsys.readouterr().out
     # 2 swept cells (7 lrs + 1 final) + 4 cells of 1 final = 20 runs, each 3 epochs
     assert "6 cell(s), 20 run(s), 60 epochs" in out and "precision=fp32" in out
@@ -149,7 +148,7 @@ def fixture(tmp_path):
     return data, weights
 
 
-TINY = ["backbone=test_mae_tiny", "image_size=32", "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=6",
+TINY = ["backbone=test_mae_tiny", "image_size=32", "train.epochs=1", "train.batch_size=6",
         "data.num_workers=0", "device=cpu", "data.cache=none"]
 
 

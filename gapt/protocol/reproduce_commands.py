@@ -15,7 +15,7 @@ rerun of the same command keeps finished runs, resumes interrupted ones, lists f
   gapt reproduce table1 --data-root /data/fgvc --weights mae_vitb16=mae.pth --weights mocov3_vitb16=moco.pth.tar
   gapt reproduce table1 --data-root /data/fgvc --backbone mae_vitb16 --weights mae.pth --dry-run
   gapt reproduce table2 --data-root /data/vtab-1k --backbone mocov3_vitb16 --weights moco.pth.tar --workers 4
-  gapt reproduce table4 --data-root /data/fgvc --weights mae.pth train.epochs=1 train.warmup_epochs=0  # smoke run
+  gapt reproduce table4 --data-root /data/fgvc --weights mae.pth train.epochs=1   # a smoke run
 
 --data-root is one folder holding the datasets in their documented layouts: FGVC
 CUB_200_2011/ OxfordFlower/ Stanford-cars/ Stanford-dogs/ nabirds/; VTAB-1k <task>/;
