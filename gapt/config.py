@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .method import METHODS, POOLINGS, PROMPT_INITS, MethodSettings
+from .method import GATE_TYPES, METHODS, POOLINGS, PROMPT_INITS, MethodSettings
 
 
 class ConfigError(ValueError):
@@ -86,6 +86,7 @@ class RunConfig(MethodSettings):
 CHOICES = {
     "method": list(METHODS),
     "prompt_init": list(PROMPT_INITS),
+    "gate_type": list(GATE_TYPES),
     "pooling": ["", *POOLINGS],
     "data.format": ["fgvc", "vtab", "folder", "csv", "shapes", "ade20k", "seg_folder"],
     "data.cache": ["memory", "disk", "none"],
@@ -208,6 +209,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"bad value for config key 'prompt_dropout': {cfg.prompt_dropout} (must be in [0, 1))")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"bad value for config key 'data.val_fraction': {cfg.data.val_fraction} (must be in (0, 1))")
+    if cfg.gate_type == "hard" and cfg.method != "gated":
+        raise ConfigError(f"config key 'gate_type': 'hard' needs method=gated (got method={cfg.method!r})")
+    if not cfg.gate_temperature > 0:
+        raise ConfigError(f"bad value for config key 'gate_temperature': {cfg.gate_temperature} (must be > 0)")
     if cfg.insert_at_block < 1:
         raise ConfigError(f"bad value for config key 'insert_at_block': {cfg.insert_at_block} (blocks count from 1)")
 

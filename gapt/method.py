@@ -13,6 +13,7 @@ METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
 PROMPT_METHODS = ("vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
 POOLINGS = ("mean", "cls", "img", "prompt")
 PROMPT_INITS = ("random", "prototype")
+GATE_TYPES = ("soft", "hard")
 
 
 @dataclass
@@ -20,6 +21,8 @@ class MethodSettings:
     method: str = "gated"
     num_prompts: int = 100
     gate_init: float = 10.0         # gate logits start at -gate_init (SPEC §2; the reference config's 10)
+    gate_type: str = "soft"         # soft: g = sigmoid(gamma) | hard: 0/1 gates, Gumbel-Sigmoid straight-through (SPEC §9)
+    gate_temperature: float = 1.0   # hard gates: the Gumbel-Sigmoid temperature t
     learn_temperature: bool = False
     insert_at_block: int = 1
     prompt_init: str = "random"     # random | prototype

@@ -61,13 +61,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> Dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_pos": random.getstate()[2],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state(model=None) -> Dict:
+    """The global RNG streams and, with a PromptedViT using hard gates, its Gumbel-noise stream."""
+    out = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_pos": random.getstate()[2],
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if model is not None and model.gate_noise is not None:  # hard gates' Gumbel stream
+        out["gate_noise"] = model.gate_noise.get_state()
+    return out
 
 
-def set_rng_state(s: Dict) -> None:
+def set_rng_state(s: Dict, model=None) -> None:
+    if model is not None and model.gate_noise is not None and "gate_noise" in s:
+        model.gate_noise.set_state(s["gate_noise"])
     torch.set_rng_state(s["torch"])
     random.setstate((3, tuple(s["python"]), s["python_pos"]))
     if s["cuda"] and torch.cuda.is_available():
@@ -165,15 +171,16 @@ class Run:
         return forward
 
     # -- resume state -----------------------------------------------------------------------
-    def save_state(self, state: Dict) -> None:
-        """The loop's state plus the RNG, atomically (main process)."""
+    def save_state(self, state: Dict, model=None) -> None:
+        """The loop's state plus the RNG (and ``model``'s hard-gate noise stream), atomically (main process)."""
         if dist.is_main():
-            rf.atomic_torch_save({**state, "rng": rng_state()}, self.resume_path)
+            rf.atomic_torch_save({**state, "rng": rng_state(model)}, self.resume_path)
 
-    def load_state(self) -> Dict:
-        """The resume file's content; the RNG is restored from it (call once the model and optimizer exist)."""
+    def load_state(self, model=None) -> Dict:
+        """The resume file's content; the RNG (and ``model``'s gate noise) is restored from it: call once
+        the model and optimizer exist."""
         state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], model)
         return state
 
     def check_finite(self, values: Sequence[float], places: Sequence[str], saved: str, nothing_saved: str) -> None:
@@ -196,7 +203,8 @@ class Run:
         settings = MethodSettings.of(model.settings, prompt_init=cfg.prompt_init).as_dict()
         return {"backbone": cfg.backbone, **settings, "benchmark": cfg.data.format, "task": task,
                 "seed": cfg.train.seed, "final": final, "metrics": metrics, "data": data,
-                "tuned_params": tuned_params, "train_time_s": train_time, "device": str(self.device),
+                "tuned_params": tuned_params, "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
+                "train_time_s": train_time, "device": str(self.device),
                 **precision_record(cfg.train.precision, self.device),
                 "pos_embed_interpolation": model.pos_embed_interpolation, "world_size": self.world,
                 "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}

@@ -38,6 +38,7 @@ def model_from_config(cfg: C.RunConfig, num_classes: int, class_names=None) -> P
             log.warning("backbone %s built with random weights (weights: null)", cfg.backbone)
         model = build_model(cfg.backbone, MethodSettings.of(cfg), num_classes=num_classes, weights=cfg.weights,
                             image_size=cfg.image_size, class_names=class_names, random_seed=cfg.train.seed)
+    model.seed_gate_noise(cfg.train.seed)
     model.grad_checkpointing = cfg.train.grad_checkpointing
     return model
 
@@ -197,7 +198,7 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
     start_epoch, best = 0, {"top1": -1.0, "epoch": -1, "state": None}
     train_time = 0.0
     if run.resume:
-        state = run.load_state()
+        state = run.load_state(model)
         set_tuned_state(model, state["tuned"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, train_time = state["epoch"] + 1, state["train_time_s"]
@@ -221,7 +222,7 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
         run.append_metrics(record)
         run.save_state({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
                         "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
-                        "train_time_s": train_time})
+                        "train_time_s": train_time}, model)
         if dist.is_main():
             log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary({k: v for k, v in record.items() if k != "epoch"}))
         dist.barrier()

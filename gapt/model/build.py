@@ -75,6 +75,8 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: Union
     weights, or None for a random backbone (warned);
     pos_embed_interpolation: bicubic (timm, classification) or bilinear (SETR, segmentation),
     for the checkpoint's position embedding and for inputs of another patch grid.
+    gate_type: ``soft`` (g = sigmoid(gamma)) or ``hard`` (0/1 gates: Gumbel-Sigmoid with temperature
+    ``gate_temperature`` and straight-through in training, 1[gamma > 0] in evaluation; SPEC §9).
     """
     chosen = MethodSettings.of(method, **settings)
     vit, spec = build_backbone(backbone, weights, image_size, random_seed, pos_embed_interpolation)

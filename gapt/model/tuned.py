@@ -21,7 +21,8 @@ FORMAT = "gapt-tuned"
 # gapt.seg's tuned files: the prompted encoder's tensors under "encoder.", plus the heads.
 SEG_FORMAT = "gapt-seg-tuned"
 # Hyper-parameters that must agree between a file and the model it is loaded into.
-IDENTITY_KEYS = ("backbone", "method", "num_prompts", "learn_temperature", "insert_at_block", "num_classes")
+IDENTITY_KEYS = ("backbone", "method", "num_prompts", "learn_temperature", "insert_at_block", "num_classes",
+                 "gate_type")
 REFERENCE_KEYS = {
     "enc.prompt_embeddings": "prompt_embeddings",
     "enc.deep_prompt_embeddings": "deep_prompt_embeddings",

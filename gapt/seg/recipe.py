@@ -58,6 +58,8 @@ def check_seg_config(cfg: C.RunConfig) -> None:
     if cfg.prompt_init != "random":
         raise C.ConfigError(f"bad value for config key 'prompt_init': {cfg.prompt_init!r}; `gapt seg` supports "
                             "'random' only")
+    if cfg.gate_type != "soft":  # the paper's hard gates are a classification ablation (Table 4)
+        raise C.ConfigError(f"bad value for config key 'gate_type': {cfg.gate_type!r}; `gapt seg` supports 'soft' only")
 
 
 # -- data ---------------------------------------------------------------------------------------

@@ -243,3 +243,9 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
                  f" (multi-scale {_pct(ms.miou)})" if ms is not None else "", out)
 
     return run.finish(results, write_files)
+
+
+def train_seg_multi_scale(cfg: C.RunConfig, resume: bool = False) -> Dict:
+    """train_seg with the multi-scale + flip evaluation at the end (mIoU_ms): what `gapt reproduce`'s
+    ADE20K runs call through the sweep executors (``gapt.seg.train:train_seg_multi_scale``)."""
+    return train_seg(cfg, resume=resume, multi_scale=True)
