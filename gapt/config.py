@@ -79,7 +79,7 @@ class RunConfig:
     insert_at_block: int = 1
     prompt_init: str = "random"     # random | prototype
     prompt_dropout: float = 0.1
-    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt)
+    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt | mean_normed)
     image_size: int = 224
     crop_size: int = 512            # segmentation: training crop and sliding window
     data: DataConfig = field(default_factory=DataConfig)
@@ -92,7 +92,7 @@ class RunConfig:
 CHOICES = {
     "method": ["linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated"],
     "prompt_init": ["random", "prototype"],
-    "pooling": ["", "mean", "cls", "img", "prompt"],
+    "pooling": ["", "mean", "cls", "img", "prompt", "mean_normed"],
     "data.format": ["fgvc", "vtab", "folder", "csv", "shapes", "ade20k", "seg_folder"],
     "data.cache": ["memory", "disk", "none"],
     "data.vtab_resize": ["tf_bilinear", "antialias"],

@@ -85,6 +85,30 @@ def convert_checkpoint(raw: Dict, fmt: str, path: str = "<checkpoint>") -> Tuple
     raise CheckpointError(f"unknown checkpoint format '{fmt}'")
 
 
+TIMM_FILTERED = ("timm", "dinov2", "ijepa", "dinov3")  # formats read by timm's own checkpoint_filter_fn
+
+
+def filter_with_timm(raw: Dict, vit: torch.nn.Module, path: str = "<checkpoint>") -> Tuple[Dict[str, torch.Tensor], str]:
+    """timm's ``checkpoint_filter_fn`` for the model's class (VisionTransformer, Eva): the official
+    DINOv2 (``mask_token``, ``register_tokens``, 518-px position embedding), I-JEPA (``encoder`` with
+    ``module.`` keys), DINOv3 (``storage_tokens``, ``ls1.gamma``, masked qkv bias) and CLIP layouts
+    become the model's own keys, the position embedding resized to the model's grid. The strict
+    key check (``load_into_vit``) follows."""
+    import sys
+    module = sys.modules[type(vit).__module__]
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    if fn is None:
+        raise CheckpointError(f"timm has no checkpoint_filter_fn for {type(vit).__name__}; cannot read {path}")
+    if "encoder" not in raw and not any(k in raw for k in ("model", "state_dict", "model_ema", "module")):
+        raw, _ = convert_checkpoint(raw, "timm", path)  # DINO-style wrappers and backbone. prefixes
+    try:
+        sd = fn(dict(raw), vit)
+    except Exception as e:  # noqa: BLE001 - a layout timm does not know: name the file
+        raise CheckpointError(f"{path}: timm's checkpoint_filter_fn for {type(vit).__name__} cannot read it: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return _tensors_only(dict(sd), path), f"checkpoint converted by timm's {module.__name__}.checkpoint_filter_fn"
+
+
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
     """Bicubic interpolation of the patch part of a (1, prefix + h*w, D) position embedding."""
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
