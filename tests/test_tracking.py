@@ -244,3 +244,24 @@ def test_killed_run_resumes_without_repeated_steps(tmp_path):
         assert steps == sorted(set(steps)) and len(steps) == 6, (tag, steps)
         assert [v for _, v in points] == [f32(r[key]) for r in rows], tag
     assert len(acc.Scalars("gates/block_1")) == 6
+
+
+def test_points_written_after_the_resume_point_are_replaced(tmp_path):
+    """A kill after an epoch's points but before its resume file: the resumed run writes that epoch
+    again, and TensorBoard's reader shows each step once (purge_step), with the resumed values."""
+    import shutil
+    run = tmp_path / "run"
+    cfg = load_config(None, [*SHAPES, "method=gated", "train.epochs=3", "train.logger=tensorboard", f"out={run}"])
+    train(cfg, stop_after_epoch=0)
+    shutil.copy(run / "last.pt", tmp_path / "after_epoch0.pt")
+    train(cfg, resume=True, stop_after_epoch=1)   # epoch 1's points are written ...
+    shutil.copy(tmp_path / "after_epoch0.pt", run / "last.pt")  # ... but its resume file is lost
+    train(cfg, resume=True)
+    raw = []  # every point in the files, purged or not
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    for f in sorted((run / "tb").glob("events.out.tfevents.*")):
+        raw += [e.step for e in EventFileLoader(str(f)).Load() for v in e.summary.value if v.tag == "train/loss"]
+    assert len(raw) == 4 and len(set(raw)) == 3  # epoch 1's step is in the files twice
+    rows = read_metrics(run)
+    assert [s for s, _ in curve(events(run / "tb"), "train/loss")] == sorted(set(raw))
+    assert [v for _, v in curve(events(run / "tb"), "train/loss")] == [f32(r["loss"]) for r in rows]

@@ -19,7 +19,9 @@ when the method has them), ``results/<metric>`` (the final results), and the res
 Steps are a global counter the caller derives from its saved progress (optimizer steps for
 classification, iterations for segmentation; any monotone counter for other jobs), so a resumed
 run continues the same curves: TensorBoard drops everything a killed process wrote after the
-resume point (``purge_step``), and W&B ignores steps it has already seen.
+resume point (``purge_step``); W&B (same run id) refuses steps below its current one, so such a
+point keeps the value the killed process logged (online runs; offline, each process writes its own
+run file, merged by ``wandb sync``).
 Only the main process of a distributed run logs (``enabled``).
 """
 from __future__ import annotations
