@@ -2,6 +2,7 @@
 each official layout (SPEC §11) give the logits of timm's own model loading the same file; prompts
 go after CLS + registers; on a RoPE Eva (DINOv3) every prompt method equals a forward pass written
 from the equations, prompts getting no rotary embedding."""
+import json
 import math
 import warnings
 from functools import partial
@@ -263,14 +264,17 @@ def test_dinov3_prompt_methods_equal_the_equations(tmp_path, images, method, ext
         assert model.gate_logits.grad.abs().sum() > 0
 
 
-def test_dinov3_trains_from_the_cli(tmp_path):
+def test_dinov3_trains_and_evaluates_from_the_cli(tmp_path, capsys):
     path = dinov3_file(tmp_path / "d3.pth")
     run = tmp_path / "run"
     assert main(["train", "backbone=test_dinov3_tiny", f"weights={path}", "image_size=32", "num_prompts=2",
                  "method=gated", "learn_temperature=true", "data.format=shapes", "data.name=count",
                  "data.num_samples=32", "data.num_workers=0", "device=cpu", "train.batch_size=16", "train.epochs=1",
                  "train.warmup_epochs=0", "train.logger=none", f"out={run}"]) == 0
-    assert (run / "results.json").exists()
+    results = json.loads((run / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "test", "--json"]) == 0  # rebuilt from the tuned file
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(results["metrics"]["test_top1"])
 
 
 # -- the registry ---------------------------------------------------------------------------------------

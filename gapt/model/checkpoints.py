@@ -101,11 +101,17 @@ def filter_with_timm(raw: Dict, vit: torch.nn.Module, path: str = "<checkpoint>"
         raise CheckpointError(f"timm has no checkpoint_filter_fn for {type(vit).__name__}; cannot read {path}")
     if "encoder" not in raw and not any(k in raw for k in ("model", "state_dict", "model_ema", "module")):
         raw, _ = convert_checkpoint(raw, "timm", path)  # DINO-style wrappers and backbone. prefixes
+    import contextlib
+    import io
+    printed = io.StringIO()  # timm prints a line per skipped DINOv3 qkv bias; keep it out of the run's output
     try:
-        sd = fn(dict(raw), vit)
+        with contextlib.redirect_stdout(printed):
+            sd = fn(dict(raw), vit)
     except Exception as e:  # noqa: BLE001 - a layout timm does not know: name the file
         raise CheckpointError(f"{path}: timm's checkpoint_filter_fn for {type(vit).__name__} cannot read it: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if printed.getvalue():
+        log.debug("timm's checkpoint_filter_fn: %s", printed.getvalue().strip())
     return _tensors_only(dict(sd), path), f"checkpoint converted by timm's {module.__name__}.checkpoint_filter_fn"
 
 
