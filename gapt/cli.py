@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-EPILOG = "Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`."
+EPILOG = ("Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`. "
+          "Curves: train.logger=auto (TensorBoard under RUN/tb/ when installed) | tensorboard | wandb | none.")
 
 
 def _setup_logging(verbose: bool = False) -> None:
