@@ -207,21 +207,36 @@ class PromptedViT(nn.Module):
         if self.temperature is not None:
             self.temperature.clamp_(*TEMPERATURE_RANGE)
 
+    @property
+    def pos_embed_interpolation(self) -> str:
+        """How the position embedding meets another patch grid: timm's bicubic unless the backbone
+        was built with another mode (segmentation: bilinear, as SETR; see model/posembed.py)."""
+        return getattr(self.backbone, "pos_embed_interpolation", "bicubic")
+
     # -- forward ----------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         vit = self.backbone
-        x = vit._pos_embed(vit.patch_embed(images))
+        x = vit.patch_embed(images)
+        if getattr(vit, "rope", None) is not None and x.ndim == 4:  # Eva: the patch grid its RoPE needs
+            self._rope_grid = tuple(x.shape[1:3])
+        if self.pos_embed_interpolation != "bicubic" and x.ndim == 4 and vit.pos_embed is not None:
+            from .posembed import add_pos_embed
+            x = add_pos_embed(vit, x, self.pos_embed_interpolation)
+        else:
+            x = vit._pos_embed(x)
         if isinstance(x, tuple):  # Eva: (tokens, rotary embedding); run_blocks rebuilds the latter
             return vit.norm_pre(x[0])
         return vit.norm_pre(vit.patch_drop(x))
 
     def rope(self, num_patches: int) -> Optional[torch.Tensor]:
-        """The backbone's rotary embedding for ``num_patches`` patch tokens (a square grid unless it is
-        the model's own grid), or None for a backbone without RoPE."""
+        """The backbone's rotary embedding for ``num_patches`` patch tokens, or None for a backbone without
+        RoPE. The grid: that of the last ``embed`` call, else the model's own, else a square."""
         rope = getattr(self.backbone, "rope", None)
         if rope is None:
             return None
-        gh, gw = self.backbone.patch_embed.grid_size
+        gh, gw = getattr(self, "_rope_grid", None) or self.backbone.patch_embed.grid_size  # embed's last grid
+        if gh * gw != num_patches:
+            gh, gw = self.backbone.patch_embed.grid_size
         if gh * gw != num_patches:
             gh = gw = math.isqrt(num_patches)
             if gh * gw != num_patches:
