@@ -100,7 +100,7 @@ def describe_backbones(include_tests: bool = False) -> str:
         extra = [f"{a['reg_tokens']} registers"] if a.get("reg_tokens") else []
         extra += [f"{a['num_reg_tokens']} registers"] if a.get("num_reg_tokens") else []
         extra += ["no CLS token"] if a.get("class_token") is False else []
-        lines.append(f"{name}: {kind} patch {a.get('patch_size', '?')}, width {a.get('embed_dim', '?')}, depth "
+        lines.append(f"{name:18s} {kind} patch {a.get('patch_size', '?')}, width {a.get('embed_dim', '?')}, depth "
                      f"{a.get('depth', '?')}{''.join(', ' + e for e in extra)}; pre-trained at {spec.image_size} px")
         lines.append(f"    pooling:    {spec.pooling}")
         lines.append(f"    checkpoint: {spec.checkpoint_format}: {LAYOUTS.get(spec.checkpoint_format, '')}")
