@@ -65,6 +65,7 @@ class TrainConfig:
     head_lr_mult: float = 10.0      # segmentation heads' lr multiplier (SETR recipe)
     poly_power: float = 0.9
     min_lr: float = 1e-4
+    logger: str = "auto"              # auto (tensorboard if installed, else none) | tensorboard | wandb | none
 
 
 @dataclass
@@ -80,7 +81,7 @@ class RunConfig:
     insert_at_block: int = 1
     prompt_init: str = "random"     # random | prototype
     prompt_dropout: float = 0.1
-    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt)
+    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt | mean_normed)
     image_size: int = 224
     crop_size: int = 512            # segmentation: training crop and sliding window
     data: DataConfig = field(default_factory=DataConfig)
@@ -94,13 +95,14 @@ CHOICES = {
     "method": ["linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated"],
     "prompt_init": ["random", "prototype"],
     "gate_type": ["soft", "hard"],
-    "pooling": ["", "mean", "cls", "img", "prompt"],
+    "pooling": ["", "mean", "cls", "img", "prompt", "mean_normed"],
     "data.format": ["fgvc", "vtab", "folder", "csv", "shapes", "ade20k", "seg_folder"],
     "data.cache": ["memory", "disk", "none"],
     "data.vtab_resize": ["tf_bilinear", "antialias"],
     "train.optimizer": ["sgd", "adamw"],
     "train.schedule": ["cosine", "cosine_epoch"],
     "train.precision": ["auto", "fp32", "bf16"],
+    "train.logger": ["auto", "tensorboard", "wandb", "none"],
 }
 
 

@@ -20,6 +20,7 @@ from .. import config as C
 from ..model import PromptedViT, build_model
 from . import distributed as dist
 from . import runfolder as rf
+from . import tracking
 from .precision import autocast_dtype_for, precision_record, precision_scope
 from .progress import Progress, summary
 from .schedule import LRSchedule
@@ -240,6 +241,7 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         rf.atomic_write_text(out / rf.CONFIG, C.to_yaml(cfg))
     dtype = autocast_dtype(cfg, device)
     t = cfg.train
+    tracking.resolve_logger(t.logger)  # a missing package fails before any work
     if t.batch_size % dist.world_size():
         raise C.ConfigError(f"bad value for config key 'train.batch_size': {t.batch_size} does not divide over "
                             f"{dist.world_size()} processes")
@@ -291,6 +293,9 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         if dist.is_main():
             rf.truncate_metrics(out, start_epoch)
         log.info("resuming %s at epoch %d", out, start_epoch)
+    # curves: one point per epoch at the optimizer-step count, continued (not repeated) on resume
+    tracker = tracking.open_tracker(t.logger, out, start_step=start_epoch * steps_per_epoch, resume=resume,
+                                    config=C.to_dict(cfg), config_text=C.to_yaml(cfg), enabled=dist.is_main())
 
     val_forward = model.forward_from_prefix if cached else model
     for epoch in range(start_epoch, t.epochs):
@@ -307,12 +312,14 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
             best = {"top1": val["top1"], "epoch": epoch, "state": tuned_state(model)}
         if dist.is_main():
             rf.append_metrics(out, record)
+            tracker.log_record(record, (epoch + 1) * steps_per_epoch, model)
             rf.atomic_torch_save({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
                                   "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
                                   "rng": rng_state(model), "train_time_s": train_time}, out / rf.RESUME)
             log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary({k: v for k, v in record.items() if k != "epoch"}))
         dist.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            tracker.close()
             return {"stopped_after_epoch": epoch}
 
     # Test once: on the best-val state (what the run reports) and on the last state, which
@@ -343,9 +350,11 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
     if dist.is_main():
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
         rf.write_json(out / rf.RESULTS, results)
+        tracker.log_results(results["metrics"], t.epochs * steps_per_epoch)
         log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
                  best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
     set_tuned_state(model, last_state)
+    tracker.close()
     dist.barrier()
     return results
 
