@@ -9,7 +9,8 @@ from typing import List, Optional
 
 from .cli_support import add_run_override_args, resume_hint_on_interrupt, run_overrides
 
-EPILOG = "Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`."
+EPILOG = ("Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`. "
+          "Curves: train.logger=auto (TensorBoard under RUN/tb/ when installed) | tensorboard | wandb | none.")
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -67,14 +68,8 @@ def cmd_keys(args) -> int:
 
 
 def cmd_backbones(args) -> int:
-    from .model.backbones import BACKBONES
-    for name, spec in BACKBONES.items():
-        if name.startswith("test_"):
-            continue
-        arch = spec.arch
-        print(f"{name:16s} ViT patch {arch['patch_size']} width {arch['embed_dim']} depth {arch['depth']}  "
-              f"pooling={spec.pooling} checkpoint={spec.checkpoint_format}")
-    print("...or any timm ViT name (weights=timm downloads hub weights when online)")
+    from .model.backbones import describe_backbones
+    print(describe_backbones())
     return 0
 
 
@@ -160,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keys", help="list every config key with its default")
     k.set_defaults(func=cmd_keys)
-    b = sub.add_parser("backbones", help="list the registered backbones")
+    b = sub.add_parser("backbones", help="list the registered backbones: architecture, pooling, checkpoint "
+                                         "layout, and the file to download (nothing is fetched)")
     b.set_defaults(func=cmd_backbones)
 
     import importlib

@@ -67,6 +67,7 @@ class TrainConfig:
     head_lr_mult: float = 10.0      # segmentation heads' lr multiplier (SETR recipe)
     poly_power: float = 0.9
     min_lr: float = 1e-4
+    logger: str = "auto"              # auto (tensorboard if installed, else none) | tensorboard | wandb | none
 
 
 @dataclass
@@ -94,6 +95,7 @@ CHOICES = {
     "train.optimizer": ["sgd", "adamw"],
     "train.schedule": ["cosine", "cosine_epoch"],
     "train.precision": ["auto", "fp32", "bf16"],
+    "train.logger": ["auto", "tensorboard", "wandb", "none"],
 }
 
 

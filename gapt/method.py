@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping, Union
 
 METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
 PROMPT_METHODS = ("vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
-POOLINGS = ("mean", "cls", "img", "prompt")
+POOLINGS = ("mean", "cls", "img", "prompt", "mean_normed")
 PROMPT_INITS = ("random", "prototype")
 GATE_TYPES = ("soft", "hard")
 
@@ -27,7 +27,7 @@ class MethodSettings:
     insert_at_block: int = 1
     prompt_init: str = "random"     # random | prototype
     prompt_dropout: float = 0.1
-    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt)
+    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt | mean_normed)
 
     @classmethod
     def names(cls):

@@ -24,6 +24,7 @@ from .. import config as C
 from ..method import MethodSettings
 from . import distributed as dist
 from . import runfolder as rf
+from . import tracking
 from .precision import autocast_dtype_for, precision_record, precision_scope
 
 log = logging.getLogger("gapt")
@@ -131,6 +132,8 @@ class Run:
         if batch % self.world:
             raise C.ConfigError(f"bad value for config key 'train.batch_size': {batch} does not divide over "
                                 f"{self.world} processes")
+        tracking.resolve_logger(cfg.train.logger)  # a missing package fails before any work
+        self.tracker: Optional[tracking.Tracker] = None
         if dist.is_main():
             if not resume:
                 rf.check_new_run(self.out, command)
@@ -187,9 +190,24 @@ class Run:
         check_finite(values, places, self.device, self.resume_path, saved, nothing_saved)
 
     # -- records ----------------------------------------------------------------------------
-    def append_metrics(self, record: Dict) -> None:
+    def open_tracker(self, start_step: int) -> None:
+        """Curves (train.logger) from ``start_step`` on: continued, not repeated, on resume (main process)."""
+        cfg = self.cfg
+        self.tracker = tracking.open_tracker(cfg.train.logger, self.out, start_step=start_step, resume=self.resume,
+                                             config=C.to_dict(cfg), config_text=C.to_yaml(cfg), enabled=dist.is_main())
+
+    def append_metrics(self, record: Dict, step: Optional[int] = None, model=None) -> None:
+        """A metrics.jsonl line and, with a tracker, the same values as curve points at ``step``
+        (``model``: the prompted encoder, whose gates and temperatures are plotted too)."""
         if dist.is_main():
             rf.append_metrics(self.out, record)
+            if self.tracker is not None:
+                self.tracker.log_record(record, step, model)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def keep_metrics(self, keep: Callable[[Dict], bool]) -> None:
         """On resume: drop the lines the resume state does not cover (written just before a kill)."""
@@ -209,11 +227,15 @@ class Run:
                 "pos_embed_interpolation": model.pos_embed_interpolation, "world_size": self.world,
                 "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
 
-    def finish(self, results: Dict, write_files: Callable[[], None]) -> Dict:
+    def finish(self, results: Dict, write_files: Callable[[], None], step: int) -> Dict:
         """The main process writes the tuned file and the like (``write_files``), then results.json
-        last, which marks the run finished; every process waits for it."""
+        last, which marks the run finished (and the final metrics at ``step`` to the tracker);
+        every process waits for it."""
         if dist.is_main():
             write_files()
             rf.write_json(self.out / rf.RESULTS, results)
+            if self.tracker is not None:
+                self.tracker.log_results(results["metrics"], step)
+        self.close()
         dist.barrier()
         return results

@@ -205,6 +205,8 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
         best = {"top1": state["best_top1"], "epoch": state["best_epoch"], "state": state["best_tuned"]}
         run.keep_metrics(lambda r: r.get("epoch", -1) < start_epoch)
         log.info("resuming %s at epoch %d", out, start_epoch)
+    # curves: one point per epoch at the optimizer-step count, continued (not repeated) on resume
+    run.open_tracker(start_epoch * steps_per_epoch)
 
     val_forward = model.forward_from_frozen if cached else model
     for epoch in range(start_epoch, t.epochs):
@@ -219,7 +221,7 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
             record["test_top1"] = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test")["top1"]
         if val["top1"] > best["top1"]:
             best = {"top1": val["top1"], "epoch": epoch, "state": tuned_state(model)}
-        run.append_metrics(record)
+        run.append_metrics(record, (epoch + 1) * steps_per_epoch, model)
         run.save_state({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
                         "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
                         "train_time_s": train_time}, model)
@@ -227,6 +229,7 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
             log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary({k: v for k, v in record.items() if k != "epoch"}))
         dist.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            run.close()
             return {"stopped_after_epoch": epoch}
 
     # Test once: on the best-val state (what the run reports) and on the last state, which
@@ -249,7 +252,7 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
         log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
                  best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
 
-    run.finish(results, write_files)
+    run.finish(results, write_files, t.epochs * steps_per_epoch)
     set_tuned_state(model, last_state)
     return results
 

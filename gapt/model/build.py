@@ -8,7 +8,7 @@ from typing import List, Optional, Union
 import torch
 
 from .backbones import BackboneSpec, create_vit, default_pooling, resolve_spec
-from .checkpoints import convert_checkpoint, load_into_vit, read_tensor_file
+from .checkpoints import TIMM_FILTERED, convert_checkpoint, filter_with_timm, load_into_vit, read_tensor_file
 from ..method import MethodSettings
 from .posembed import check_mode, regrid_pos_embed
 from .prompted import PromptedViT
@@ -55,7 +55,10 @@ def _build_backbone(spec: BackboneSpec, weights: Optional[str], image_size: Opti
         fmt = "timm" if spec.checkpoint_format in ("timm", "dino") else spec.checkpoint_format
     else:
         fmt = spec.checkpoint_format
-    sd, what = convert_checkpoint(raw, fmt, weights)
+    if fmt in TIMM_FILTERED:  # timm's own conversion first, then the same strict check
+        sd, what = filter_with_timm(raw, vit, weights, pos_embed_interpolation)
+    else:
+        sd, what = convert_checkpoint(raw, fmt, weights)
     load_into_vit(vit, sd, weights, keep_model_pos_embed=spec.sincos_pos_embed, pos_embed_mode=pos_embed_interpolation)
     log.info("loaded %s from %s", what, weights)
     return vit, spec

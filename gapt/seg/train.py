@@ -155,6 +155,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
     log_every, save_every = log_every or LOG_EVERY, save_every or SAVE_EVERY
     if log_every < 1 or save_every < 1:
         raise ValueError(f"log_every and save_every must be >= 1, got {log_every} and {save_every}")
+    run.open_tracker(iteration)
 
     def save_resume() -> None:
         run.save_state({"iteration": iteration, "tuned": seg_tuned_state(model), "optimizer": optimizer.state_dict(),
@@ -209,7 +210,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
                     last_eval = run_eval(f"val @ {iteration}")
                     record.update(last_eval.as_dict())
                     model.train()
-                run.append_metrics(record)
+                run.append_metrics(record, iteration, model.encoder)
                 if dist.is_main():
                     log.info("iteration %d/%d loss %.4f lr %.3g%s", iteration, t.iterations, record["loss"], lr,
                              f" mIoU {_pct(last_eval.miou)}" if evaluate_now else "")
@@ -218,6 +219,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
                 dist.barrier()
             if iteration == stop_after and iteration < t.iterations:
                 bar.close()
+                run.close()
                 return {"stopped_after": iteration}
             if iteration >= t.iterations:
                 break
@@ -242,7 +244,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
         log.info("done: val mIoU %s%s -> %s", _pct(last_eval.miou),
                  f" (multi-scale {_pct(ms.miou)})" if ms is not None else "", out)
 
-    return run.finish(results, write_files)
+    return run.finish(results, write_files, iteration)
 
 
 def train_seg_multi_scale(cfg: C.RunConfig, resume: bool = False) -> Dict:
