@@ -221,8 +221,7 @@ class Run:
         settings = MethodSettings.of(model.settings, prompt_init=cfg.prompt_init).as_dict()
         return {"backbone": cfg.backbone, **settings, "benchmark": cfg.data.format, "task": task,
                 "seed": cfg.train.seed, "final": final, "metrics": metrics, "data": data,
-                "tuned_params": tuned_params, "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
-                "train_time_s": train_time, "device": str(self.device),
+                "tuned_params": tuned_params, "train_time_s": train_time, "device": str(self.device),
                 **precision_record(cfg.train.precision, self.device),
                 "pos_embed_interpolation": model.pos_embed_interpolation, "world_size": self.world,
                 "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}

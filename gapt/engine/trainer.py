@@ -245,7 +245,8 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
                "test_top1_last": test_last["top1"], "test_count": test_best["count"]}
     results = run.base_results(model, bundle.info.get("name") or cfg.data.name, cfg.data.final, metrics,
                                bundle.info, model.num_tuned(), train_time)
-    results.update({"epochs": t.epochs, "frozen_cache_blocks": model.frozen_leading_blocks if cached else 0})
+    results.update({"epochs": t.epochs, "frozen_cache_blocks": model.frozen_leading_blocks if cached else 0,
+                    "backbone_params": sum(p.numel() for p in model.backbone.parameters())})
 
     def write_files() -> None:
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
