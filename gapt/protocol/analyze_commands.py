@@ -1,4 +1,4 @@
-"""``gapt analyze gates | attention | insertion`` (see :mod:`gapt.protocol.analyze`)."""
+"""``gapt analyze gates | attention | insertion | ...`` (see :mod:`gapt.protocol.analyze` and the analysis_* modules)."""
 from __future__ import annotations
 
 import sys
@@ -15,26 +15,48 @@ def cmd_gates(args) -> int:
 
 
 def cmd_attention(args) -> int:
-    from .analyze import analyze_attention
-    res = analyze_attention(args.run, args.image, args.out, args.head, device=args.device)
-    a = res["arrays"]
-    print(f"{'block':>5}  {'CLS->patches':>12}  {'CLS->prompts':>12}  {'frozen CLS->patches':>19}")
-    for b in range(a["tuned_cls"].shape[0]):
-        print(f"{b + 1:>5}  {a['tuned_cls'][b].sum():12.4f}  {a['tuned_cls_to_prompts'][b]:12.4f}  "
-              f"{a['frozen_cls'][b].sum():19.4f}")
-    print(f"\nwrote {res['png']} and {res['npz']}", file=sys.stderr)
+    from .analysis_attention import analyze_attention_images
+    from .analyze import parse_blocks
+    blocks = parse_blocks(args.blocks) if args.blocks else None
+    results = analyze_attention_images(args.paths, args.out, args.head, device=args.device, blocks=blocks)
+    for res in results:
+        s = res["summary"]
+        print(f"{s['image']} (head {s['head']})")
+        print(f"{'model':<40} {'block':>5}  {'CLS->patches':>12}  {'CLS->prompts':>12}")
+        for row in s["rows"]:
+            for b, p, q in zip(s["blocks"], row["cls_to_patches"], row["cls_to_prompts"]):
+                print(f"{row['label'][:40]:<40} {b:>5}  {p:12.4f}  {q:12.4f}")
+        print(f"wrote {res['png']}, {res['npz']}, {res['json']} and {res['md']}", file=sys.stderr)
     return 0
+
+
+def _backbone_specs(args):
+    """--backbone B [--weights F] [--lr X] ... : the i-th --weights / --lr belong to the i-th --backbone."""
+    names = args.backbone or []
+    for flag in ("weights", "lr"):
+        given = getattr(args, flag) or []
+        if given and len(given) != len(names):
+            raise ValueError(f"--{flag} given {len(given)} time(s) for {len(names)} --backbone(s); give one per "
+                             f"backbone (or none, to use the config's)")
+    return [{"backbone": b, "weights": (args.weights or [None] * len(names))[i],
+             "lr": (args.lr or [None] * len(names))[i]} for i, b in enumerate(names)]
 
 
 def cmd_insertion(args) -> int:
     from ..config import load_config
-    from .analyze import insertion_sweep, parse_blocks
+    from .analysis_insertion import insertion_sweep
+    from .analyze import parse_blocks
+    from .sweep_executors import make_executor
     cfg = load_config(args.config, args.overrides)
     blocks = parse_blocks(args.blocks) if args.blocks else None
-    res = insertion_sweep(cfg, blocks)
+    backbones = _backbone_specs(args)
+    workers = args.workers if args.workers is not None else (0 if args.backend == "local" else None)
+    executor = make_executor(args.backend, workers, use_gpus=cfg.device != "cpu")
+    res = insertion_sweep(cfg, blocks, executor=executor, backbones=backbones)
     print(res.get("table", ""), end="")
     print(f"\nwrote {cfg.out}/insertion.png, insertion.json and insertion.md", file=sys.stderr)
-    return 0
+    failed = [r for c in res["curves"] for r in c["runs"] if r["status"].startswith("failed")]
+    return 1 if failed else 0
 
 
 def _head(value: str):
@@ -57,17 +79,30 @@ def add_commands(subparsers) -> None:
     g.add_argument("--out", help="output folder (default: RUN/analysis for one run, ./analysis for several)")
     g.set_defaults(func=cmd_gates)
 
-    t = sub.add_parser("attention", help="per-block attention maps from CLS and prompts, tuned vs frozen (PNG + npz)")
-    t.add_argument("run", metavar="RUN")
-    t.add_argument("image", metavar="IMAGE")
-    t.add_argument("--out", help="output folder (default: RUN/analysis)")
+    t = sub.add_parser("attention", help="attention maps per block: frozen backbone, then each run (Fig. 5)",
+                       description="One figure per image: a row per model (the frozen backbone first, then each "
+                                   "RUN's CLS attention; a single prompt run also shows its prompts' mean map) and a "
+                                   "column per block. IMAGE may be a folder (every image under it).")
+    t.add_argument("paths", nargs="+", metavar="RUN... IMAGE",
+                   help="run folders, then image files or folders of images")
+    t.add_argument("--blocks", help="blocks to show, e.g. 3,7,12 (default: every block)")
+    t.add_argument("--out", help="output folder (default: first RUN/analysis)")
     t.add_argument("--head", type=_head, default="mean", help="'mean' over heads (default) or a head index")
     t.add_argument("--device", help="e.g. cpu or cuda (default: the run's device setting)")
     t.set_defaults(func=cmd_attention)
 
-    s = sub.add_parser("insertion", help="train vpt-at-block k for k = 1..L and plot top-1 against k",
-                       epilog=EPILOG)
+    s = sub.add_parser("insertion", help="train vpt-at-block k for k = 1..L and plot top-1 against k (Fig. 1)",
+                       epilog=EPILOG,
+                       description="One vpt@k run per block k (and per --backbone, each with its own --weights "
+                                   "and --lr), run through the sweep executors; finished runs are skipped, "
+                                   "interrupted ones resumed. Example (Fig. 1): --backbone mae_vitb16 --weights "
+                                   "mae.pth --lr 0.1 --backbone mocov3_vitb16 --weights moco.pth --lr 1.0")
     s.add_argument("--config", help="YAML config file")
     s.add_argument("--blocks", help="insertion blocks, e.g. 1,2,5 or 1-6 (default: every block)")
+    s.add_argument("--backbone", action="append", help="a backbone to sweep (repeatable; default: the config's)")
+    s.add_argument("--weights", action="append", help="weights file of the matching --backbone (repeatable)")
+    s.add_argument("--lr", action="append", type=float, help="train.lr of the matching --backbone (repeatable)")
+    s.add_argument("--workers", type=int, help="parallel runs (default: one at a time in this process)")
+    s.add_argument("--backend", choices=["local", "ray"], default="local", help="local processes (default) or ray")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     s.set_defaults(func=cmd_insertion)
