@@ -58,6 +58,11 @@ register_backbone(BackboneSpec(
     "mae_vit_micro", _vit(4, 64, 6, 4), "mean", "mae", image_size=32,
     description="6-block, width-64 ViT pre-trained with MAE on procedural images; ships in gapt/demo/assets"))
 
+# The supervised ViT-B/16 of VPT and the paper's Figs. 1-2: Google's `imagenet21k_ViT-B_16.npz` (SPEC §11).
+register_backbone(BackboneSpec(
+    "sup_vitb16", _vit(16, 768, 12, 12), "cls", "google_npz", timm_name="vit_base_patch16_224.orig_in21k",
+    description="supervised ImageNet-21k ViT-B/16, Google's .npz layout (VPT's imagenet21k_ViT-B_16.npz)"))
+
 
 def resolve_spec(backbone: str) -> BackboneSpec:
     if backbone in BACKBONES:
