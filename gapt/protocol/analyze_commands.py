@@ -81,6 +81,22 @@ def cmd_reconstruct(args) -> int:
     return 1 if res["failed"] else 0
 
 
+def cmd_ablation(args) -> int:
+    from .analysis_ablation import analyze_ablation
+    res = analyze_ablation(args.runs, args.out, include_trials=args.include_trials)
+    print(res["table"], end="")
+    print(f"\nwrote {res.get('png', '')} {res['png_tasks']}, {res['md']} and {res['json']}", file=sys.stderr)
+    return 0
+
+
+def cmd_tokens(args) -> int:
+    from .analysis_tokens import analyze_tokens
+    res = analyze_tokens(args.runs, args.task, args.out, backbone=args.backbone, include_trials=args.include_trials)
+    print(res["table"], end="")
+    print(f"\nwrote {res['png']}, {res['md']} and {res['json']}", file=sys.stderr)
+    return 0
+
+
 def _head(value: str):
     if value == "mean":
         return value
@@ -151,3 +167,24 @@ def add_commands(subparsers) -> None:
     r.add_argument("--backend", choices=["local", "ray"], default="local", help="local processes (default) or ray")
     r.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     r.set_defaults(func=cmd_reconstruct, lr=None)
+
+    b = sub.add_parser("ablation", help="VPT-shallow -> + GATE -> + GATE + LT bars per backbone (Figs. 6, 8)",
+                       description="Bars per backbone for VPT-shallow (method=vpt-shallow), + GATE (method=gated) "
+                                   "and + GATE + LT (method=gated learn_temperature=true), on the benchmark means "
+                                   "(ablation.png: FGVC mean, VTAB-1k mean, ADE20K mIoU) and per dataset "
+                                   "(ablation_tasks.png), the paper's numbers marked where it prints them.")
+    b.add_argument("runs", nargs="+", metavar="RUNS", help="run folders or folders holding them (searched recursively)")
+    b.add_argument("--out", help="output folder (default ./analysis)")
+    b.add_argument("--include-trials", action="store_true", help="also use sweep trials (folders under trials/)")
+    b.set_defaults(func=cmd_ablation)
+
+    k = sub.add_parser("tokens", help="top-1 against the total number of prompts, VPT-deep vs gated (Fig. 7)",
+                       description="Top-1 against the total number of prompts (VPT-deep: blocks x prompts per "
+                                   "block) for VPT-deep and gated runs of one task, with Table 7's points and, for "
+                                   "cars, the paper text's two points beside them.")
+    k.add_argument("runs", nargs="+", metavar="RUNS", help="run folders or folders holding them (searched recursively)")
+    k.add_argument("--task", required=True, help="the task to plot, e.g. cars (as in results.json)")
+    k.add_argument("--backbone", help="only runs of this backbone (default: every backbone found)")
+    k.add_argument("--out", help="output folder (default ./analysis)")
+    k.add_argument("--include-trials", action="store_true", help="also use sweep trials (folders under trials/)")
+    k.set_defaults(func=cmd_tokens)
