@@ -125,3 +125,36 @@ def test_tokens_figure_numbers(tmp_path, capsys):
     assert main(["analyze", "tokens", str(root), "--task", "dogs", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "dogs" in err and "cars" in err
+
+
+def test_gates_figure_panels_per_task_and_backbone(tmp_path):
+    """Fig. 4: NABirds and Cars (MAE and MoCo v3) in one figure; gates.json holds each panel's r_l."""
+    import math
+
+    import torch
+    from conftest import tiny_model
+    fixtures = {}
+    for name, task, backbone, logits in (("mae-nabirds", "nabirds", "test_mae_tiny", [2.0, -1.0, 0.5]),
+                                         ("mae-cars", "cars", "test_mae_tiny", [-3.0, 1.0, 2.5]),
+                                         ("moco-cars", "cars", "test_moco_tiny", [0.0, 0.0, -2.0])):
+        model = tiny_model(backbone, method="gated")
+        with torch.no_grad():
+            model.gate_logits.copy_(torch.tensor(logits))
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        model.save_tuned(str(folder / "tuned.safetensors"))
+        (folder / "results.json").write_text(json.dumps({"task": task, "backbone": backbone}))
+        g = [1 / (1 + math.exp(-x)) for x in logits]  # SPEC §2 by hand
+        w = [g[l] * math.prod(1 - g[k] for k in range(l + 1, len(g))) for l in range(len(g))]
+        fixtures[name] = (task, backbone, [x / sum(w) for x in w])
+    out = tmp_path / "fig4"
+    assert main(["analyze", "gates", *(str(tmp_path / "runs" / n) for n in fixtures), "--out", str(out)]) == 0
+    assert_png(out / "gates_tasks.png")
+    saved = json.loads((out / "gates.json").read_text())
+    assert [p["task"] for p in saved["panels"]] == ["nabirds", "cars"]
+    for panel in saved["panels"]:
+        for s in panel["series"]:
+            task, backbone, ratio = fixtures[s["label"]]
+            assert (panel["task"], s["backbone"]) == (task, backbone)
+            assert s["selection_ratio"] == pytest.approx(ratio, rel=1e-5)
+    assert {(r["task"], r["backbone"]) for r in saved["runs"]} == {(t, b) for t, b, _ in fixtures.values()}

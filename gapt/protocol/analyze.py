@@ -124,10 +124,18 @@ def analyze_gates(runs: Sequence[PathLike], out: Optional[PathLike] = None) -> D
 
     def finite(v):  # standard JSON: NaN (no gates, so no inserted-prompt weight) -> null
         return None if isinstance(v, float) and math.isnan(v) else v
+    # Fig. 4: with several tasks or backbones, also one panel per task (see analysis_gates)
+    from .analysis_gates import plot_selection_panels, run_identity, selection_panels
+    identities = [run_identity(run) for run in runs]
+    panels = selection_panels(entries, identities)
+    png_tasks = None
+    if panels and len({(i["task"], i["backbone"]) for i in identities}) > 1:
+        png_tasks = plot_selection_panels(panels, out_dir / "gates_tasks.png")
     js = _write_text(out_dir / "gates.json", json.dumps(
-        {"runs": [{"label": label, "run": str(run), **{k: finite(v) for k, v in values.items()}}
-                  for (label, values), run in zip(entries, runs)]}, indent=2) + "\n")
-    return {"entries": entries, "table": table, "png": png, "md": md, "json": js}
+        {"runs": [{"label": label, "run": str(run), **ident, **{k: finite(v) for k, v in values.items()}}
+                  for (label, values), run, ident in zip(entries, runs, identities)],
+         "panels": panels}, indent=2) + "\n")
+    return {"entries": entries, "table": table, "png": png, "md": md, "json": js, "png_tasks": png_tasks}
 
 
 def _flat_dict(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

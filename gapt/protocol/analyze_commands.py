@@ -10,7 +10,8 @@ def cmd_gates(args) -> int:
     from .analyze import analyze_gates
     res = analyze_gates(args.runs, args.out)
     print(res["table"], end="")
-    print(f"\nwrote {res['png']}, {res['md']} and {res['json']}", file=sys.stderr)
+    extra = f", {res['png_tasks']}" if res.get("png_tasks") else ""
+    print(f"\nwrote {res['png']}{extra}, {res['md']} and {res['json']}", file=sys.stderr)
     return 0
 
 
@@ -112,7 +113,10 @@ def add_commands(subparsers) -> None:
     sub = a.add_subparsers(dest="analysis", metavar="ANALYSIS")
     a.set_defaults(func=lambda args: (a.print_help(), 2)[1])
 
-    g = sub.add_parser("gates", help="gates, selection ratio r_l and temperatures per block (table + PNG)")
+    g = sub.add_parser("gates", help="gates, selection ratio r_l and temperatures per block (table + PNG; Fig. 4)",
+                       description="Gates, selection ratios and temperatures per block of each run (gates.png/.md/"
+                                   ".json); runs of several tasks or backbones also get gates_tasks.png, a panel "
+                                   "per task with a bar per backbone (the paper's Fig. 4).")
     g.add_argument("runs", nargs="+", metavar="RUN", help="finished run folders (shown side by side)")
     g.add_argument("--out", help="output folder (default: RUN/analysis for one run, ./analysis for several)")
     g.set_defaults(func=cmd_gates)
