@@ -308,3 +308,25 @@ def test_frozen_counterpart_backbone():
     rebuilt = _frozen_counterpart(cfg, full)  # weights: null -> the backbone seeded by train.seed, every time
     for a, b in zip(frozen.backbone.state_dict().values(), rebuilt.backbone.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_insertion_several_backbones_on_one_plot(tmp_path, capsys):
+    """Fig. 1: one curve per backbone, each with its own weights and lr; JSON rows are the runs' results."""
+    out = tmp_path / "fig1"
+    assert main(["analyze", "insertion", "--blocks", "1,4", "--backbone", "test_mae_tiny", "--weights", "null",
+                 "--lr", "0.1", "--backbone", "test_moco_tiny", "--weights", "null", "--lr", "1.0",
+                 *SMALL_RUN, f"out={out}"]) == 0
+    assert_png(out / "insertion.png")
+    summary = json.loads((out / "insertion.json").read_text())
+    assert [c["backbone"] for c in summary["curves"]] == ["test_mae_tiny", "test_moco_tiny"]
+    for curve, lr in zip(summary["curves"], (0.1, 1.0)):
+        assert curve["lr"] == lr and [r["block"] for r in curve["runs"]] == [1, 4]
+        for r in curve["runs"]:
+            res = json.loads((out / curve["backbone"] / f"insert_{r['block']}" / "results.json").read_text())
+            assert res["backbone"] == curve["backbone"] and res["lr"] == lr and res["insert_at_block"] == r["block"]
+            assert r["test_top1"] == res["metrics"]["test_top1"]
+    assert "### test_moco_tiny (lr 1.0)" in capsys.readouterr().out
+    # --weights / --lr must pair with --backbone
+    assert main(["analyze", "insertion", "--backbone", "test_mae_tiny", "--lr", "0.1", "--lr", "0.2",
+                 *SMALL_RUN, f"out={out}"]) == 1
+    assert "--lr given 2 time(s) for 1 --backbone" in capsys.readouterr().err

@@ -206,7 +206,7 @@ def plot_insertion(curves: Sequence[Dict[str, Any]], out_png, title: str = "") -
         for key, style, what in keys:
             ys = [float("nan") if r[key] is None else r[key] for r in c["runs"]]
             if any(not math.isnan(y) for y in ys):
-                ax.plot(ks, ys, style, label=f"{c['backbone']} (lr {c['lr']:g}) {what}" if len(curves) > 1
+                ax.plot(ks, ys, style, label=f"{c['backbone']} (lr {c['lr']:g})" if len(curves) > 1
                         else f"{what} top-1")
     ax.set_xticks(ks_all)
     ax.set_xlabel("prompts inserted at block k (vpt@k; k=1 is vpt-shallow)")
