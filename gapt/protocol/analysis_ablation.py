@@ -155,7 +155,12 @@ def ablation_table(numbers: Dict[str, Any]) -> str:
 
 def analyze_ablation(paths: Sequence, out: Optional[str] = None, include_trials: bool = False) -> Dict[str, Any]:
     """Figs. 6 and 8 from run folders; writes ablation.png, ablation_tasks.png, ablation.json, ablation.md."""
-    numbers = ablation_numbers(load_runs(paths, include_trials))
+    return ablation_figures(load_runs(paths, include_trials), out)
+
+
+def ablation_figures(runs: Sequence[Dict[str, Any]], out: Optional[str] = None) -> Dict[str, Any]:
+    """Figs. 6 and 8 from results.json dicts (see :func:`analyze_ablation`)."""
+    numbers = ablation_numbers(runs)
     out_dir = Path(out or "analysis")
     res: Dict[str, Any] = {"numbers": numbers}
     order = [b for b in ("fgvc", "vtab", "ade20k") if any(r["benchmark"] == b for r in numbers["benchmarks"])]
@@ -180,3 +185,37 @@ def analyze_ablation(paths: Sequence, out: Optional[str] = None, include_trials:
     res["md"] = _write_text(out_dir / "ablation.md", res["table"])
     res["json"] = _write_text(out_dir / "ablation.json", json.dumps(numbers, indent=2) + "\n")
     return res
+
+
+# -- `gapt reproduce fig6` / `fig8` --------------------------------------------------------------
+def plan_fig6(name: str = "fig6"):
+    """The ablation's runs: per backbone (MAE, MoCo v3) and dataset (FGVC 5, VTAB-1k 19, ADE20K): VPT-shallow
+    (the tables' baseline settings, lr searched on val), + GATE (Table 5's settings, learn_temperature=false)
+    and + GATE + LT (Table 5's settings: Ours). Rendered by :func:`render_ablation`."""
+    from .reproduce import Plan, RunSpec, plan_table1, plan_table2, plan_table3
+    specs = []
+    for table in (plan_table1(), plan_table2(), plan_table3()):
+        for s in table.specs:
+            if s.method == "vpt-shallow":
+                specs.append(s)
+            elif s.method.startswith("gated") and s.gate_type == "soft":
+                specs.append(s)
+                gate = RunSpec(**{**s.__dict__, "name": s.name.replace("/ours/", "/gate/"), "row": "+ GATE",
+                                  "method": "gated", "overrides": list(s.overrides) + ["learn_temperature=false"]})
+                specs.append(gate)
+    title = ("Fig. 6: ablation VPT-shallow -> + GATE -> + GATE + LT (benchmark means)" if name == "fig6" else
+             "Fig. 8: the ablation per dataset")
+    return Plan(name, title, specs, render=render_ablation,
+                notes=["+ GATE: Table 5's settings with learn_temperature=false (the paper gives none of its own)"])
+
+
+def plan_fig8():
+    return plan_fig6("fig8")
+
+
+def render_ablation(plan, results, out_dir) -> List[Path]:
+    runs = [r for rs in results.values() for r in rs]
+    if not runs:
+        raise ValueError(f"{plan.name}: no finished runs under {out_dir} yet")
+    res = ablation_figures(runs, Path(out_dir) / "figures")
+    return [res["md"], res["json"]] + ([res["png"]] if res.get("png") else []) + [res["png_tasks"]]

@@ -283,3 +283,40 @@ def analyze_attention_images(paths: Sequence[PathLike], out: Optional[PathLike] 
     runs, images = split_runs_and_images(paths)
     models = [_load_run_for_analysis(r) for r in runs]
     return [analyze_attention(runs, im, out, head, device, blocks, models=models) for im in images]
+
+
+# -- `gapt reproduce fig5` ---------------------------------------------------------------------
+def plan_fig5():
+    """MAE on CUB: + GATE (Table 5's settings, learn_temperature=false) and GATE + LT (Ours); rendered by
+    :func:`render_fig5`: attention at blocks 3, 7 and 12, frozen MAE first."""
+    from .reproduce import Plan, RunSpec, plan_table1
+    ours = [s for s in plan_table1().specs if s.backbone == "mae_vitb16" and s.task == "cub"
+            and s.method.startswith("gated") and s.gate_type == "soft"][0]
+    gate = RunSpec(**{**ours.__dict__, "name": ours.name.replace("/ours/", "/gate/"), "row": "+ GATE",
+                      "method": "gated", "overrides": list(ours.overrides) + ["learn_temperature=false"]})
+    return Plan("fig5", "Fig. 5: attention maps at blocks 3, 7 and 12: frozen MAE, + GATE, + GATE + LT",
+                [gate, ours], render=render_fig5,
+                notes=["the image: the first test image (sorted by path) under the runs' data.root"])
+
+
+def first_image(run_dir: PathLike) -> Path:
+    """The first image file (sorted by path) under the data.root of a run's config.yaml."""
+    from .. import config as C
+    from ..data import IMAGE_EXTENSIONS
+    cfg = C.load_config(str(Path(run_dir) / "config.yaml"))
+    root = Path(cfg.data.root or ".")
+    found = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+    if not found:
+        raise FileNotFoundError(f"no image under {root} (data.root of {run_dir})")
+    return found[0]
+
+
+def render_fig5(plan, results, out_dir) -> List[Path]:
+    runs = []
+    for s in plan.specs:
+        done = sorted((Path(out_dir) / s.name / "final").glob("seed*/tuned.safetensors"))
+        if not done:
+            raise ValueError(f"{plan.name}: {s.name} has no finished run under {out_dir} yet")
+        runs.append(str(done[0].parent))
+    res = analyze_attention(runs, first_image(runs[0]), Path(out_dir) / "figures", blocks=[3, 7, 12])
+    return [res["md"], res["json"], res["png"], res["npz"]]

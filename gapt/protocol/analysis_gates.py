@@ -65,3 +65,23 @@ def plot_selection_panels(panels: Sequence[Dict[str, Any]], out_png) -> Path:
     axes[0].set_ylabel("selection ratio r_l")
     fig.suptitle("Selection ratio per block (which blocks shape the prompt that reaches the last block)", fontsize=9)
     return save_png(fig, out_png)
+
+
+# -- `gapt reproduce fig4` ---------------------------------------------------------------------
+def plan_fig4():
+    """Ours (Table 5's settings) on NABirds and Stanford Cars (MAE and MoCo v3) and ADE20K; rendered by
+    :func:`render_fig4` as `gapt analyze gates` over the final runs."""
+    from .reproduce import Plan, plan_table1, plan_table3
+    specs = [s for s in plan_table1().specs if s.method.startswith("gated") and s.task in ("nabirds", "cars")]
+    specs += [s for s in plan_table3().specs if s.method.startswith("gated")]
+    return Plan("fig4", "Fig. 4: selection ratio per block, NABirds, Stanford Cars and ADE20K", specs,
+                render=render_fig4)
+
+
+def render_fig4(plan, results, out_dir) -> List[Path]:
+    from .analyze import analyze_gates
+    runs = [str(p.parent) for s in plan.specs for p in sorted((Path(out_dir) / s.name / "final").glob("seed*/tuned.safetensors"))[:1]]
+    if not runs:
+        raise ValueError(f"{plan.name}: no finished runs under {out_dir} yet")
+    res = analyze_gates(runs, Path(out_dir) / "figures")
+    return [res["md"], res["json"], res["png"]] + ([res["png_tasks"]] if res.get("png_tasks") else [])

@@ -216,3 +216,51 @@ def plot_insertion(curves: Sequence[Dict[str, Any]], out_png, title: str = "") -
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return save_png(fig, out_png)
+
+
+# -- `gapt reproduce fig1` ---------------------------------------------------------------------
+# SPEC §8, Fig. 1: CUB and KITTI, MAE / MoCo v3 / supervised ViT-B/16, lr per backbone and task.
+FIG1_LR = {("cub", "mae_vitb16"): 0.1, ("cub", "sup_vitb16"): 0.1, ("cub", "mocov3_vitb16"): 1.0,
+           ("kitti", "mae_vitb16"): 0.1, ("kitti", "sup_vitb16"): 0.1, ("kitti", "mocov3_vitb16"): 0.1}
+
+
+def plan_fig1():
+    """vpt@k for k = 1..12 on CUB and KITTI, one curve per backbone, each run a final run at the paper's lr
+    (the VPT-shallow presets' other settings; the supervised backbone takes MAE's). Rendered by :func:`render_fig1`."""
+    from .reproduce import Plan, RunSpec
+    specs = []
+    for task, bench in (("cub", "fgvc"), ("kitti", "vtab")):
+        for bb in ("mae_vitb16", "mocov3_vitb16", "sup_vitb16"):
+            preset_bb = "mae_vitb16" if bb == "sup_vitb16" else bb
+            for k in range(1, 13):
+                over = ["method=vpt-at-block", f"insert_at_block={k}", "learn_temperature=false",
+                        f"train.lr={FIG1_LR[(task, bb)]}"] + ([f"backbone={bb}"] if bb != preset_bb else [])
+                specs.append(RunSpec(name=f"{bb}/vpt@{k}/{task}", row=f"vpt@{k}", backbone=bb, method=f"vpt@{k}",
+                                     benchmark=bench, task=task, preset=f"{bench}/{preset_bb}/vpt-shallow/{task}.yaml",
+                                     overrides=over))
+    return Plan("fig1", "Fig. 1: top-1 against the block where prompts are first inserted", specs, render=render_fig1,
+                notes=["the supervised ViT-B/16 (sup_vitb16) uses the MAE VPT-shallow preset with its own weights"])
+
+
+def render_fig1(plan, results, out_dir) -> List[Path]:
+    """insertion_<task>.png / .json / .md: a curve per backbone (test top-1 of each vpt@k final run)."""
+    out_dir = Path(out_dir) / "figures"
+    paths = []
+    for task in dict.fromkeys(s.task for s in plan.specs):
+        curves = []
+        for bb in dict.fromkeys(s.backbone for s in plan.specs if s.task == task):
+            rows = []
+            for s in (s for s in plan.specs if s.task == task and s.backbone == bb):
+                runs = results.get(s.name, [])
+                vals = [r["metrics"]["test_top1"] for r in runs if r.get("metrics", {}).get("test_top1") is not None]
+                rows.append({"block": int(s.row.split("@")[1]), "run": s.name, "status": "done" if vals else "missing",
+                             "test_top1": sum(vals) / len(vals) if vals else None, "val_top1": None,
+                             "test_top1_last": None, "train_time_s": None, "prefix_cache_blocks": None,
+                             "tuned_params": None, "seeds": len(vals)})
+            curves.append({"backbone": bb, "lr": FIG1_LR[(task, bb)], "runs": rows})
+        _write_text(out_dir / f"insertion_{task}.json", json.dumps({"task": task, "curves": curves}, indent=2) + "\n")
+        md = _write_text(out_dir / f"insertion_{task}.md", "\n".join(
+            f"### {c['backbone']} (lr {c['lr']})\n\n" + insertion_table(c["runs"]) for c in curves))
+        png = plot_insertion(curves, out_dir / f"insertion_{task}.png", title=f"{task}: prompts inserted at block k")
+        paths += [md, out_dir / f"insertion_{task}.json", png]
+    return paths

@@ -429,3 +429,62 @@ def plot_grid(rows: Sequence[Dict[str, Any]], out_png: PathLike) -> Path:
         ax.set_yticks([])
     fig.suptitle(f"{Path(rows[0]['image']).name}: DIP reconstruction from each block (PSNR / SSIM)", fontsize=9)
     return save_png(fig, out_png)
+
+
+# -- `gapt reproduce fig2` / `fig9` --------------------------------------------------------------
+FIG_BACKBONES = ("sup_vitb16", "mocov3_vitb16", "mae_vitb16")  # the paper's row order
+
+
+def plan_fig2(name: str = "fig2"):
+    """No training: DIP reconstructions from every block of the supervised, MoCo v3 and MAE ViT-B/16 (rows in
+    that order). fig2: the first 2 images (sorted) of CUB and of Flowers; fig9: 100 CUB images spread evenly
+    over the sorted list, for the mean PSNR / SSIM per block. Run by :func:`execute_reconstruct`."""
+    from .reproduce import Plan
+    plan = Plan(name, "Fig. 2: DIP reconstruction from each block" if name == "fig2" else
+                "Fig. 9: PSNR and SSIM of 100 DIP reconstructions per block", [], render=render_reconstruct,
+                notes=["SPEC §10's DIP settings (2000 Adam steps per image and block)"])
+    plan.execute = execute_reconstruct
+    return plan
+
+
+def plan_fig9():
+    return plan_fig2("fig9")
+
+
+def plan_images(name: str, data_root: PathLike) -> List[Path]:
+    from ..data import IMAGE_EXTENSIONS
+    from .reproduce import FGVC_FOLDERS
+
+    def images(task):
+        folder = Path(data_root) / FGVC_FOLDERS[task]
+        found = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not found:
+            raise FileNotFoundError(f"no images under {folder} ({task})")
+        return found
+    if name == "fig2":
+        return images("cub")[:2] + images("flowers")[:2]
+    cub = images("cub")
+    n = min(100, len(cub))
+    return [cub[round(i * (len(cub) - 1) / max(1, n - 1))] for i in range(n)]
+
+
+def execute_reconstruct(plan, out, data_root, weights: Dict[str, str], executor=None, **options) -> Dict[str, Any]:
+    """Run fig2 / fig9: every image x block x backbone through ``executor``; returns the summary."""
+    missing = [b for b in FIG_BACKBONES if b not in weights]
+    if missing:
+        raise FileNotFoundError(f"{plan.name} needs --weights BACKBONE=FILE for {', '.join(missing)}")
+    backbones = [{"backbone": b, "weights": weights[b]} for b in FIG_BACKBONES]
+    return reconstruct(plan_images(plan.name, data_root), backbones, None, out, executor=executor, **options)
+
+
+def render_reconstruct(plan, results, out_dir) -> List[Path]:
+    """The summary of the jobs already finished under ``out_dir`` (reconstruct.md first)."""
+    out_dir = Path(out_dir)
+    found = sorted((out_dir / "jobs").glob("*/*/block_*/results.json"))
+    if not found:
+        raise ValueError(f"{plan.name}: no finished reconstruction under {out_dir} yet")
+    from .sweep_jobs import Job
+    jobs = [Job(kind="recon", name=str(f.parent.relative_to(out_dir)), folder=f.parent, overrides={}, target=TARGET)
+            for f in found]
+    summary = summarise(jobs, out_dir)
+    return [out_dir / "reconstruct.md", out_dir / "reconstruct.json"] + [Path(p) for p in summary["png"].values()]

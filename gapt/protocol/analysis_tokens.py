@@ -122,9 +122,42 @@ def tokens_table(numbers: Dict[str, Any]) -> str:
 def analyze_tokens(paths: Sequence, task: str, out: Optional[str] = None, backbone: Optional[str] = None,
                    include_trials: bool = False) -> Dict[str, Any]:
     """Fig. 7 from run folders; writes tokens.png, tokens.json, tokens.md into ``out`` (default ./analysis)."""
-    numbers = tokens_numbers(load_runs(paths, include_trials), task, backbone)
+    return tokens_figure(load_runs(paths, include_trials), task, out, backbone)
+
+
+def tokens_figure(runs: Sequence[Dict[str, Any]], task: str, out: Optional[str] = None,
+                  backbone: Optional[str] = None) -> Dict[str, Any]:
+    """Fig. 7 from results.json dicts (see :func:`analyze_tokens`)."""
+    numbers = tokens_numbers(runs, task, backbone)
     out_dir = Path(out or "analysis")
     table = tokens_table(numbers)
     return {"numbers": numbers, "table": table, "png": plot_tokens(numbers, out_dir / "tokens.png"),
             "md": _write_text(out_dir / "tokens.md", table),
             "json": _write_text(out_dir / "tokens.json", json.dumps(numbers, indent=2) + "\n")}
+
+
+# -- `gapt reproduce fig7` ---------------------------------------------------------------------
+def plan_fig7():
+    """MAE on Stanford Cars at 12, 24, 48 and 96 prompts in all: Ours (Table 5's Cars settings, num_prompts = total)
+    and VPT-deep (total / 12 per block, lr searched on val as for Table 7). Rendered by :func:`render_tokens`."""
+    from .reproduce import Plan, RunSpec
+    specs = []
+    for total in (12, 24, 48, 96):
+        specs.append(RunSpec(name=f"mae_vitb16/ours-np{total}/cars", row="Ours", backbone="mae_vitb16",
+                             method="gated+temperature", benchmark="fgvc", task="cars",
+                             preset="fgvc/mae_vitb16/cars.yaml", overrides=[f"num_prompts={total}"],
+                             num_prompts=total))
+        specs.append(RunSpec(name=f"mae_vitb16/vpt-deep-np{total}/cars", row="VPT-deep", backbone="mae_vitb16",
+                             method="vpt-deep", benchmark="fgvc", task="cars",
+                             preset="fgvc/mae_vitb16/vpt-deep/cars.yaml", overrides=[f"num_prompts={total // 12}"],
+                             lr_sweep=True, num_prompts=total // 12))
+    return Plan("fig7", "Fig. 7: MAE on Stanford Cars, top-1 against the total number of prompts", specs,
+                render=render_tokens)
+
+
+def render_tokens(plan, results, out_dir) -> List[Path]:
+    runs = [r for rs in results.values() for r in rs]
+    if not runs:
+        raise ValueError(f"{plan.name}: no finished runs under {out_dir} yet")
+    res = tokens_figure(runs, "cars", Path(out_dir) / "figures")
+    return [res["md"], res["json"], res["png"]]
