@@ -31,6 +31,7 @@ def write_result(folder, **kw):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(ROOT / "docs" / "figures"))
+    p.add_argument("--only-synthetic", action="store_true", help="skip the (slow) reconstruction and attention runs")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,16 @@ def main():
         curves.append({"backbone": bb, "lr": lr, "runs": rows})
     plot_insertion(curves, out / "insertion.png", title="example (synthetic numbers): CUB, prompts inserted at block k")
 
+    if not args.only_synthetic:
+        real_runs(out, tmp)
+    synthetic(out, tmp, rng)
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in sorted(out.glob("*.png")):
+        shrink(f)
+        print(f, f.stat().st_size // 1024, "KB")
+
+
+def real_runs(out: Path, tmp: Path) -> None:
     # Figs. 2 and 9: a real DIP run on the micro ViT (32x32), 2 procedural images, every block
     from gapt.protocol.analysis_reconstruct import reconstruct
     yy, xx = np.mgrid[0:32, 0:32]
@@ -86,6 +97,9 @@ def main():
     att = analyze_attention(runs, imgs[0], out=tmp / "att")
     shutil.copy(att["png"], out / "attention.png")
 
+
+
+def synthetic(out: Path, tmp: Path, rng) -> None:
     # Fig. 4: gates of hand-set logits on the micro ViT (synthetic)
     from gapt import build_model
     from gapt.protocol.analyze import analyze_gates
@@ -137,9 +151,14 @@ def main():
                      metrics={"test_top1": 60 + 3 * math.log2(total / 12)})
     k = analyze_tokens([tmp / "tok"], "cars", tmp / "tok-out")
     shutil.copy(k["png"], out / "tokens.png")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for f in sorted(out.glob("*.png")):
-        print(f, f.stat().st_size // 1024, "KB")
+
+
+def shrink(path: Path, width: int = 900) -> None:
+    """README copies stay small (< 100 KB): at most ``width`` pixels wide, a 128-colour palette."""
+    im = Image.open(path).convert("RGB")
+    if im.width > width:
+        im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+    im.quantize(128).save(path, optimize=True)
 
 
 if __name__ == "__main__":

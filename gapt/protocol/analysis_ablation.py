@@ -127,11 +127,11 @@ def plot_ablation(rows: List[Dict[str, Any]], panels: List[str], panel_key: str,
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
-    fig.suptitle(title, fontsize=9)
-    lines = title.count("\n") + 1
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - (0.12 + 0.2 * lines) / fig.get_figheight()),
+    h, lines = fig.get_figheight(), title.count("\n") + 1
+    fig.suptitle(title, fontsize=9, y=1 - 0.08 / h, va="top")  # in inches from the top: figures of any height
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - (0.12 + 0.18 * lines) / h),
                fontsize=7, ncol=len(labels), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.3 + 0.2 * lines) / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.45 + 0.18 * lines) / h))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, format="png")  # not save_png: its tight_layout would drop the legend's room
