@@ -87,3 +87,20 @@ def test_npz_strict_check_names_keys(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="junk.npz"):
         build_model("test_sup_tiny", method="linear", weights=str(tmp_path / "junk.npz"))
+
+
+def test_npz_other_image_size_resizes_position_embedding_as_gapt_does(tmp_path):
+    """At 48x48 (grid 6) the file's 4x4 position grid is resized by gapt's own rule (bicubic, or bilinear)."""
+    import torch.nn.functional as F
+    from gapt import build_model
+    w = write_google_npz(tmp_path / "vit.npz")
+    pos = torch.from_numpy(w["Transformer/posembed_input/pos_embedding"])
+    for mode in ("bicubic", "bilinear"):
+        model = build_model("test_sup_tiny", method="linear", weights=str(tmp_path / "vit.npz"), image_size=48,
+                            pos_embed_interpolation=mode)
+        grid = pos[:, 1:].reshape(1, 4, 4, D).permute(0, 3, 1, 2)
+        want = F.interpolate(grid, size=(6, 6), mode=mode, align_corners=False).permute(0, 2, 3, 1).reshape(1, 36, D)
+        torch.testing.assert_close(model.backbone.pos_embed[:, 1:], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.backbone.pos_embed[:, :1], pos[:, :1])
+        torch.testing.assert_close(model.backbone.blocks[3].mlp.fc2.bias,
+                                   torch.from_numpy(w["Transformer/encoderblock_3/MlpBlock_3/Dense_1/bias"]))

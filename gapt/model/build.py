@@ -51,7 +51,7 @@ def _build_backbone(spec: BackboneSpec, weights: Optional[str], image_size: Opti
         return vit, spec
     if spec.checkpoint_format == "google_npz" or str(weights).endswith(".npz"):
         from .google_npz import load_google_npz
-        log.info("loaded %s from %s", load_google_npz(vit, weights), weights)
+        log.info("loaded %s from %s", load_google_npz(vit, weights, spec, pos_embed_interpolation), weights)
         return vit, spec
     raw = read_tensor_file(weights)
     if weights.endswith(".safetensors") or spec.checkpoint_format == "timm":

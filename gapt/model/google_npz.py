@@ -36,8 +36,12 @@ def expected_keys(depth: int) -> List[str]:
 
 
 @torch.no_grad()
-def load_google_npz(vit, path: str) -> str:
-    """Load ``path`` (Google ViT .npz) into the timm ``vit`` in place; returns a description."""
+def load_google_npz(vit, path: str, spec=None, pos_embed_mode: str = "bicubic") -> str:
+    """Load ``path`` (Google ViT .npz) into the timm ``vit`` in place; returns a description.
+
+    When the file's position grid differs from ``vit``'s, timm's loader fills a ViT of the file's
+    own grid (built from ``spec``) and gapt's strict loader resizes it (``pos_embed_mode``), as
+    for every other checkpoint, rather than timm's fixed bilinear resampling."""
     import numpy as np
     from pathlib import Path
 
@@ -58,10 +62,20 @@ def load_google_npz(vit, path: str) -> str:
                 ([f"unexpected keys: {_short(unexpected)}"] if unexpected else [])
         raise CheckpointError(f"{path} does not fit the backbone as Google's ViT .npz layout "
                               f"(Transformer/encoderblock_i/...): " + "; ".join(parts))
+    with np.load(path, allow_pickle=False) as f:
+        n_pos = f["Transformer/posembed_input/pos_embedding"].shape[1] - 1
+    grid = int(round(n_pos ** 0.5))
+    target = vit
+    if spec is not None and grid * grid == n_pos and tuple(vit.patch_embed.grid_size) != (grid, grid):
+        from .backbones import create_vit
+        target = create_vit(spec, grid * vit.patch_embed.patch_size[0])
     try:
-        _load_weights(vit, path)
+        _load_weights(target, path)
     except (RuntimeError, ValueError) as e:  # a shape that does not fit
         raise CheckpointError(f"{path} does not fit the backbone: {str(e).splitlines()[0]}") from None
+    if target is not vit:
+        from .checkpoints import load_into_vit
+        load_into_vit(vit, target.state_dict(), path, pos_embed_mode=pos_embed_mode)
     dropped = [k for k in names if k.startswith(DROPPED_PREFIXES)]
     if dropped:
         log.info("dropped the file's classifier (%s)", ", ".join(sorted({k.split('/')[0] for k in dropped})))
