@@ -214,7 +214,10 @@ def plot_insertion(curves: Sequence[Dict[str, Any]], out_png, title: str = "") -
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
     return save_png(fig, out_png)
 
 
