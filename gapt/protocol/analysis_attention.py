@@ -318,5 +318,8 @@ def render_fig5(plan, results, out_dir) -> List[Path]:
         if not done:
             raise ValueError(f"{plan.name}: {s.name} has no finished run under {out_dir} yet")
         runs.append(str(done[0].parent))
-    res = analyze_attention(runs, first_image(runs[0]), Path(out_dir) / "figures", blocks=[3, 7, 12])
+    models = [_load_run_for_analysis(r) for r in runs]
+    depth = len(models[0][1].backbone.blocks)
+    blocks = sorted({max(1, round(b * depth / 12)) for b in (3, 7, 12)})  # the paper's 3, 7, 12 of 12 blocks
+    res = analyze_attention(runs, first_image(runs[0]), Path(out_dir) / "figures", blocks=blocks, models=models)
     return [res["md"], res["json"], res["png"], res["npz"]]
