@@ -108,7 +108,7 @@ def cmd_backbones(args) -> int:
 
 def cmd_report(args) -> int:
     from .protocol.report import write_report
-    rep = write_report(args.runs, args.out, only_final=args.only_final)
+    rep = write_report(args.runs, args.out, include_trials=args.include_trials and not args.only_final)
     print(rep.markdown())
     print(f"\nwrote {args.out}/report.md and {args.out}/report.csv", file=sys.stderr)
     return 0
@@ -175,10 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a smaller, faster version (used by the tests)")
     d.set_defaults(func=cmd_demo)
 
-    r = sub.add_parser("report", help="tables per task and benchmark means beside the paper's numbers")
+    r = sub.add_parser("report", help="tables per task and benchmark means beside the paper's numbers",
+                       description="Rows pool only runs that differ in seed alone and show the settings they "
+                                   "stand for; each sits beside the matching paper row (Tables 1-4, 6-8). "
+                                   "Exits non-zero, writing nothing, when there are no runs.")
     r.add_argument("runs", nargs="+", help="run folders or folders holding them")
     r.add_argument("--out", default="reports")
-    r.add_argument("--only-final", action="store_true", help="leave out sweep trials")
+    r.add_argument("--only-final", action="store_true", help="leave out sweep trials (the default)")
+    r.add_argument("--include-trials", action="store_true",
+                   help="also report sweep trials (data.final=false), each in rows of their own settings")
     r.set_defaults(func=cmd_report)
 
     k = sub.add_parser("keys", help="list every config key with its default")
@@ -193,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Command groups that live beside the layer they drive.
-COMMAND_MODULES: List[str] = ["gapt.protocol.analyze_commands", "gapt.seg.commands", "gapt.protocol.sweep_commands"]
+COMMAND_MODULES: List[str] = ["gapt.protocol.analyze_commands", "gapt.seg.commands", "gapt.protocol.sweep_commands",
+                              "gapt.protocol.reproduce_commands"]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

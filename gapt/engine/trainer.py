@@ -73,7 +73,9 @@ def model_from_config(cfg: C.RunConfig, num_classes: int, class_names=None) -> P
                             gate_init=cfg.gate_init, learn_temperature=cfg.learn_temperature,
                             insert_at_block=cfg.insert_at_block, weights=cfg.weights, image_size=cfg.image_size,
                             prompt_dropout=cfg.prompt_dropout, pooling=cfg.pooling or None, class_names=class_names,
-                            random_seed=cfg.train.seed)
+                            random_seed=cfg.train.seed, gate_type=cfg.gate_type,
+                            gate_temperature=cfg.gate_temperature)
+    model.seed_gate_noise(cfg.train.seed)
     model.grad_checkpointing = cfg.train.grad_checkpointing
     return model
 
@@ -192,13 +194,18 @@ def set_tuned_state(model: PromptedViT, state: Dict[str, torch.Tensor]) -> None:
             p.copy_(state[k])
 
 
-def rng_state() -> Dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_pos": random.getstate()[2],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state(model: Optional[PromptedViT] = None) -> Dict:
+    out = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_pos": random.getstate()[2],
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if model is not None and model.gate_noise is not None:  # hard gates' Gumbel stream
+        out["gate_noise"] = model.gate_noise.get_state()
+    return out
 
 
-def set_rng_state(s: Dict) -> None:
+def set_rng_state(s: Dict, model: Optional[PromptedViT] = None) -> None:
+    if model is not None and model.gate_noise is not None and "gate_noise" in s:
+        model.gate_noise.set_state(s["gate_noise"])
     torch.set_rng_state(s["torch"])
     random.setstate((3, tuple(s["python"]), s["python_pos"]))
     if s["cuda"] and torch.cuda.is_available():
@@ -280,7 +287,7 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, train_time = state["epoch"] + 1, state["train_time_s"]
         best = {"top1": state["best_top1"], "epoch": state["best_epoch"], "state": state["best_tuned"]}
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], model)
         if dist.is_main():
             rf.truncate_metrics(out, start_epoch)
         log.info("resuming %s at epoch %d", out, start_epoch)
@@ -302,7 +309,7 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
             rf.append_metrics(out, record)
             rf.atomic_torch_save({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
                                   "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
-                                  "rng": rng_state(), "train_time_s": train_time}, out / rf.RESUME)
+                                  "rng": rng_state(model), "train_time_s": train_time}, out / rf.RESUME)
             log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary({k: v for k, v in record.items() if k != "epoch"}))
         dist.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -329,6 +336,9 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         "pos_embed_interpolation": model.pos_embed_interpolation,
         "world_size": dist.world_size(), "lr": t.lr, "weight_decay": t.weight_decay,
         "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0,
+        "gate_type": cfg.gate_type, "gate_temperature": cfg.gate_temperature, "batch_size": t.batch_size,
+        "prompt_dropout": cfg.prompt_dropout, "pooling": model.pooling,
+        "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
     }
     if dist.is_main():
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})

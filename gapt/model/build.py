@@ -69,7 +69,8 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
                 insert_at_block: int = 1, weights: Optional[str] = None, image_size: Optional[int] = None,
                 prompt_dropout: float = 0.1, pooling: Optional[str] = None,
                 class_names: Optional[List[str]] = None, random_seed: Optional[int] = None,
-                pos_embed_interpolation: str = "bicubic") -> PromptedViT:
+                pos_embed_interpolation: str = "bicubic", gate_type: str = "soft",
+                gate_temperature: float = 1.0) -> PromptedViT:
     """A frozen ViT (timm) with one transfer method and a linear head.
 
     backbone: a registered name (``gapt.model.BACKBONES``) or any timm ViT name;
@@ -77,13 +78,16 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
     weights, or None for a random backbone (warned);
     pos_embed_interpolation: bicubic (timm, classification) or bilinear (SETR, segmentation),
     for the checkpoint's position embedding and for inputs of another patch grid.
+    gate_type: ``soft`` (g = sigmoid(gamma)) or ``hard`` (0/1 gates: Gumbel-Sigmoid with temperature
+    ``gate_temperature`` and straight-through in training, 1[gamma > 0] in evaluation; SPEC §9).
     """
     vit, spec = build_backbone(backbone, weights, image_size, random_seed, pos_embed_interpolation)
     return PromptedViT(vit, method=method, num_prompts=num_prompts, num_classes=num_classes,
                        gate_init=gate_init, learn_temperature=learn_temperature,
                        insert_at_block=insert_at_block, prompt_dropout=prompt_dropout,
                        pooling=pooling or default_pooling(spec, vit), backbone_name=spec.name,
-                       class_names=class_names, image_size=image_size or vit.patch_embed.img_size[0])
+                       class_names=class_names, image_size=image_size or vit.patch_embed.img_size[0],
+                       gate_type=gate_type, gate_temperature=gate_temperature)
 
 
 def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Optional[int] = None) -> PromptedViT:
@@ -97,6 +101,7 @@ def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Opti
                             num_classes=meta["num_classes"], gate_init=meta["gate_init"],
                             learn_temperature=meta["learn_temperature"], insert_at_block=meta["insert_at_block"],
                             weights=weights, image_size=meta["image_size"], prompt_dropout=meta["prompt_dropout"],
-                            pooling=meta["pooling"], class_names=meta["class_names"], random_seed=random_seed)
+                            pooling=meta["pooling"], class_names=meta["class_names"], random_seed=random_seed,
+                            gate_type=meta.get("gate_type", "soft"), gate_temperature=meta.get("gate_temperature", 1.0))
     model.load_tuned(tuned_path)
     return model

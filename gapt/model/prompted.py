@@ -5,6 +5,7 @@ Token sequence: [CLS (+ registers), p_1..p_Np, z_1..z_N]; prompts carry no posit
   vpt-at-block  blocks 1..k-1 run prompt-free; prompts enter at block k and flow on
   vpt-deep      block l > 1 gets fresh prompts that replace the previous block's prompt outputs
   gated         Z_P^l = g_l * block_l(Z)_P + (1 - g_l) * Z_P^{l-1},  g_l = sigmoid(gamma_l), l < L
+  hard gates    g_l in {0, 1}: Gumbel-Sigmoid + straight-through in training, 1[gamma_l > 0] in eval (SPEC §9)
   temperature   block l's attention is softmax(Q K^T d^-0.5 / tau_l); tau clamped to [0.01, 10]
 See SPEC §1-3. The backbone's own modules and weights are reused, never copied.
 """
@@ -21,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
 PROMPT_METHODS = ("vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
 POOLINGS = ("mean", "cls", "img", "prompt")
+GATE_TYPES = ("soft", "hard")
 TEMPERATURE_RANGE = (0.01, 10.0)
 
 
@@ -66,6 +68,19 @@ def mix_prompts(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, start: i
     return torch.cat([out[:, :start], mixed, out[:, start + count:]], dim=1)
 
 
+def hard_gates(gate_logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """SPEC §9 in training: s = sigmoid((gamma + G1 - G2) / t), forward 1[s > 0.5], gradient of s.
+
+    The Gumbel noise comes from ``generator`` (on the CPU, so a resume file can hold its state).
+    ``hard + s - s.detach()`` is exactly 0 or 1 in value and carries d s / d gamma backward.
+    """
+    u = torch.rand(2, *gate_logits.shape, generator=generator).clamp_(1e-10, 1 - 1e-10)
+    gumbel = -torch.log(-torch.log(u))
+    noise = (gumbel[0] - gumbel[1]).to(gate_logits.device, gate_logits.dtype)
+    s = torch.sigmoid((gate_logits + noise) / temperature)
+    return (s > 0.5).to(s.dtype) + s - s.detach()
+
+
 def prompt_init_bound(patch_size: Sequence[int], embed_dim: int) -> float:
     """VPT's Xavier-uniform bound for prompts: sqrt(6 / (3 * ph * pw + D))."""
     return math.sqrt(6.0 / float(3 * patch_size[0] * patch_size[1] + embed_dim))
@@ -78,7 +93,7 @@ class PromptedViT(nn.Module):
                  num_classes: int = 1000, gate_init: float = 5.0, learn_temperature: bool = False,
                  insert_at_block: int = 1, prompt_dropout: float = 0.1, pooling: str = "mean",
                  backbone_name: str = "custom", class_names: Optional[List[str]] = None,
-                 image_size: Optional[int] = None):
+                 image_size: Optional[int] = None, gate_type: str = "soft", gate_temperature: float = 1.0):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; valid: {list(METHODS)}")
@@ -90,6 +105,12 @@ class PromptedViT(nn.Module):
                 raise ValueError(f"insert_at_block={insert_at_block} is outside the backbone's blocks 1..{depth}")
         elif insert_at_block != 1:
             raise ValueError(f"insert_at_block={insert_at_block} needs method='vpt-at-block' (got '{method}')")
+        if gate_type not in GATE_TYPES:
+            raise ValueError(f"unknown gate_type '{gate_type}'; valid: {list(GATE_TYPES)}")
+        if gate_type == "hard" and method != "gated":
+            raise ValueError(f"gate_type='hard' needs method='gated' (got '{method}')")
+        if not gate_temperature > 0:
+            raise ValueError(f"gate_temperature must be > 0, got {gate_temperature}")
         if learn_temperature and method not in PROMPT_METHODS:
             raise ValueError(f"learn_temperature needs a prompt method {list(PROMPT_METHODS)}, got '{method}'")
         has_prompts = method in PROMPT_METHODS
@@ -105,6 +126,10 @@ class PromptedViT(nn.Module):
         self.embed_dim = vit.embed_dim
         self.num_prompts = num_prompts if has_prompts else 0
         self.gate_init = float(gate_init)
+        self.gate_type = gate_type
+        self.gate_temperature = float(gate_temperature)
+        # the hard gates' Gumbel noise: its own seeded stream (trainer: seed_gate_noise, resume state)
+        self.gate_noise = torch.Generator().manual_seed(0) if gate_type == "hard" else None
         self.learn_temperature = learn_temperature
         self.insert_at_block = insert_at_block
         self.pooling = pooling
@@ -153,6 +178,20 @@ class PromptedViT(nn.Module):
     def num_tuned(self) -> int:
         return sum(p.numel() for p in self.tuned_parameters().values())
 
+    def seed_gate_noise(self, seed: int) -> None:
+        if self.gate_noise is not None:
+            self.gate_noise.manual_seed(int(seed))
+
+    def gate_values(self) -> Optional[torch.Tensor]:
+        """g_l for l < L: sigmoid(gamma) (soft); 0/1 from the sign of gamma (hard, eval) or noisy (hard, train)."""
+        if self.gate_logits is None:
+            return None
+        if self.gate_type == "soft":
+            return self.gate_logits.sigmoid()
+        if not self.training:
+            return (self.gate_logits > 0).to(self.gate_logits.dtype)
+        return hard_gates(self.gate_logits, self.gate_temperature, self.gate_noise)
+
     @torch.no_grad()
     def clamp_temperature_(self) -> None:
         """Projection of tau onto [0.01, 10], outside the autograd graph (SPEC §3)."""
@@ -193,6 +232,7 @@ class PromptedViT(nn.Module):
         """Blocks ``start``.. (0-based) on tokens ``x``; ``collect`` names 1-based blocks whose outputs to return."""
         pre, n_p = self.backbone.num_prefix_tokens, self.num_prompts
         collect, collected = set(collect), {}
+        gates = self.gate_values()  # once per forward: one noise draw per step for hard gates
         for i in range(start, self.depth):
             blk = self.backbone.blocks[i]
             prompts = self._prompts(i, x.shape[0])
@@ -200,7 +240,7 @@ class PromptedViT(nn.Module):
                 inserted = i == self.insert_at_block - 1
                 rest = x[:, pre:] if inserted else x[:, pre + n_p:]
                 x = torch.cat([x[:, :pre], prompts, rest], dim=1)
-            gated = self.gate_logits is not None and i < self.depth - 1
+            gated = gates is not None and i < self.depth - 1
             x_in = x
             tau = self.temperature[i] if self.temperature is not None else None
             if attention_maps is not None:
@@ -210,7 +250,7 @@ class PromptedViT(nn.Module):
             else:
                 x = block_forward(blk, x, tau)
             if gated:
-                x = mix_prompts(x, x_in, self.gate_logits[i].sigmoid(), pre, n_p)
+                x = mix_prompts(x, x_in, gates[i], pre, n_p)
             if i + 1 in collect:
                 collected[i + 1] = x
         return x, collected

@@ -108,6 +108,8 @@ def check_seg_config(cfg: C.RunConfig) -> None:
     if cfg.prompt_init != "random":
         raise C.ConfigError(f"bad value for config key 'prompt_init': {cfg.prompt_init!r}; `gapt seg` supports "
                             "'random' only")
+    if cfg.gate_type != "soft":  # the paper's hard gates are a classification ablation (Table 4)
+        raise C.ConfigError(f"bad value for config key 'gate_type': {cfg.gate_type!r}; `gapt seg` supports 'soft' only")
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -538,3 +540,9 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
                  f" (multi-scale {_pct(ms.miou)})" if ms is not None else "", out)
     dist.barrier()
     return results
+
+
+def train_seg_multi_scale(cfg: C.RunConfig, resume: bool = False) -> Dict:
+    """train_seg with the multi-scale + flip evaluation at the end (mIoU_ms): what `gapt reproduce`'s
+    ADE20K runs call through the sweep executors (``gapt.seg.train:train_seg_multi_scale``)."""
+    return train_seg(cfg, resume=resume, multi_scale=True)
