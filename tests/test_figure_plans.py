@@ -167,3 +167,15 @@ def test_render_fig5_rows_and_first_image(tmp_path, monkeypatch):
     labels = [r["label"] for r in summary["rows"]]
     assert len(labels) == 3 and labels[0].startswith("frozen test_mae_tiny")
     assert "(gated)" in labels[1] and "(gated+LT)" in labels[2]
+
+
+def test_reproduce_fig2_checks_weights_before_any_job(tmp_path, capsys):
+    w = tmp_path / "mae.pth"
+    w.write_bytes(b"x")
+    assert main(["reproduce", "fig2", "--data-root", str(tmp_path), "--weights", f"mae_vitb16={w}",
+                 "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "sup_vitb16" in err and "mocov3_vitb16" in err
+    assert main(["reproduce", "fig2", "--data-root", str(tmp_path), "--weights", str(w)]) == 1
+    assert "BACKBONE=FILE" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "jobs").exists()
