@@ -93,8 +93,8 @@ def test_dip_loss_falls_scores_match_library_and_job_resumes(tmp_path, pictures)
     full = run_reconstruct_job(_job(tmp_path, "full", pictures[0]))
     assert full["loss_last"] < 0.7 * full["loss_first"]
     folder = tmp_path / "full"
-    rec = torch.from_numpy(np.asarray(Image.open(folder / "recon.png").convert("RGB"))).permute(2, 0, 1)[None] / 255.0
-    org = torch.from_numpy(np.asarray(Image.open(folder / "original.png").convert("RGB"))).permute(2, 0, 1)[None] / 255.0
+    rec = torch.from_numpy(np.array(Image.open(folder / "recon.png").convert("RGB"))).permute(2, 0, 1)[None] / 255.0
+    org = torch.from_numpy(np.array(Image.open(folder / "original.png").convert("RGB"))).permute(2, 0, 1)[None] / 255.0
     assert rec.shape == org.shape == (1, 3, 32, 32)
     assert full["psnr"] == pytest.approx(float(peak_signal_noise_ratio(rec.double(), org.double(), data_range=1.0)), abs=1e-6)
     assert full["ssim"] == pytest.approx(float(structural_similarity_index_measure(
