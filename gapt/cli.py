@@ -86,11 +86,21 @@ def cmd_predict(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from .config import CHOICES, RunConfig, all_keys, get_key
+    from .config import CHOICES, RunConfig, all_keys, get_key, key_help
     defaults = RunConfig()
     for key in all_keys():
-        choices = f"   one of {CHOICES[key]}" if key in CHOICES else ""
-        print(f"{key} = {get_key(defaults, key)!r}{choices}")
+        text = key_help(key)
+        if key in CHOICES and "|" not in text:  # the description does not list the choices itself
+            text += f"{'; ' if text else ''}one of {CHOICES[key]}"
+        print(f"{key} = {get_key(defaults, key)!r}" + (f"   # {text}" if text else ""))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import PRESETS_DIR, list_presets
+    for name in list_presets():
+        print(name)
+    print(f"(files under {PRESETS_DIR}; e.g. gapt train --config {list_presets()[0]} data.root=...)", file=sys.stderr)
     return 0
 
 
@@ -149,22 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train one run (YAML config + KEY=VALUE overrides)", epilog=EPILOG)
-    t.add_argument("--config", help="YAML config file (e.g. configs/fgvc/cub.yaml)")
+    t.add_argument("--config", help="YAML config file, or a packaged preset by name (e.g. fgvc/mae_vitb16/cub; "
+                                    "see `gapt presets`)")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="top-1 of a finished run on a split (best-val tuned state)")
     e.add_argument("run")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="the split to evaluate (default: test); only this split is read")
+    e.add_argument("--json", action="store_true", help="print one JSON object (run, split, top1, loss, count)")
     add_run_override_args(e)
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="class probabilities for images with a finished run")
     pr.add_argument("run")
     pr.add_argument("images", nargs="+", help="image files, or folders (every image inside, recursively)")
-    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--top-k", type=int, default=5, help="classes listed per image, most probable first (default 5)")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     add_run_override_args(pr, data_root=False)
@@ -177,12 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="tables per task and benchmark means beside the paper's numbers")
     r.add_argument("runs", nargs="+", help="run folders or folders holding them")
-    r.add_argument("--out", default="reports")
+    r.add_argument("--out", default="reports", help="folder for report.md and report.csv (default: reports)")
     r.add_argument("--only-final", action="store_true", help="leave out sweep trials")
     r.set_defaults(func=cmd_report)
 
-    k = sub.add_parser("keys", help="list every config key with its default")
+    k = sub.add_parser("keys", help="list every config key with its default and what it means")
     k.set_defaults(func=cmd_keys)
+    ps = sub.add_parser("presets", help="list the packaged presets (use one as --config NAME)")
+    ps.set_defaults(func=cmd_presets)
     b = sub.add_parser("backbones", help="list the registered backbones")
     b.set_defaults(func=cmd_backbones)
 
@@ -192,8 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Command groups that live beside the layer they drive.
+# Command groups that live beside the layer they drive. Each module defines add_commands(subparsers)
+# and imports nothing heavy at its top: torch, timm, numpy, matplotlib and the modules that use
+# them are imported inside the cmd_* functions, so `gapt --help`, `--version` and `keys` stay fast
+# (tests/test_cli_startup.py checks that neither torch nor timm gets imported). Errors a command
+# defines for user mistakes go in USER_ERRORS below, by module and name.
 COMMAND_MODULES: List[str] = ["gapt.protocol.analyze_commands", "gapt.seg.commands", "gapt.protocol.sweep_commands"]
+
+
+# Errors that are the user's to fix: printed in one line, no traceback. Those defined in heavy
+# modules are looked up only if their module was imported (else they cannot have been raised).
+USER_ERRORS = [("gapt.config", "ConfigError"), ("gapt.model.checkpoints", "CheckpointError"),
+               ("gapt.engine.runfolder", "RunFolderError"), ("gapt.engine.trainer", "TrainingDiverged")]
+
+
+def user_errors() -> tuple:
+    found = [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
+    return tuple(found) + (FileNotFoundError, ValueError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -203,14 +232,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args.verbose)
-    from .config import ConfigError
-    from .model.checkpoints import CheckpointError
-    from .engine.runfolder import RunFolderError
-    from .engine.trainer import TrainingDiverged
-    errors = (ConfigError, CheckpointError, RunFolderError, TrainingDiverged, FileNotFoundError, ValueError)
     try:
         return args.func(args) or 0
-    except errors as e:
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
         print(f"gapt {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:

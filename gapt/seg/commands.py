@@ -5,7 +5,7 @@ import json
 import sys
 
 SEG_EPILOG = ("Config keys: KEY=VALUE overrides, e.g. data.root=/data/ADEChallengeData2016 train.iterations=80000; "
-              "see `gapt keys`. Presets: gapt/configs/ade20k/{mae_vitb16,mocov3_vitb16}.yaml")
+              "see `gapt keys`. Presets: --config ade20k/mae_vitb16 or ade20k/mocov3_vitb16")
 
 
 def cmd_seg_train(args) -> int:
@@ -87,7 +87,7 @@ def add_commands(subparsers) -> None:
 
     t = sub.add_parser("train", help="train prompts/gates/temperatures + SETR-PUP heads (iteration-based)",
                        epilog=SEG_EPILOG)
-    t.add_argument("--config", help="YAML config file (e.g. gapt/configs/ade20k/mae_vitb16.yaml)")
+    t.add_argument("--config", help="YAML config file, or a packaged preset by name (e.g. ade20k/mae_vitb16)")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
     t.add_argument("--multi-scale", action="store_true", help="also evaluate multi-scale + flip at the end (mIoU_ms)")
     t.add_argument("--log-every", type=int, default=None, metavar="N",
@@ -102,7 +102,7 @@ def add_commands(subparsers) -> None:
 
     e = sub.add_parser("eval", help="mIoU / mAcc / aAcc (+ per class) of a finished run; updates results.json")
     e.add_argument("run")
-    e.add_argument("--split", default="val", choices=["val", "train"])
+    e.add_argument("--split", default="val", choices=["val", "train"], help="the split to evaluate (default: val)")
     e.add_argument("--multi-scale", action="store_true", help="also ratios 0.5-1.75 + flip (mIoU_ms)")
     e.add_argument("--per-class", action="store_true", help="print every class's IoU and accuracy")
     e.add_argument("--json", action="store_true", help="machine-readable output")
