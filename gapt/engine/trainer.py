@@ -214,9 +214,17 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
     ``stop_after_epoch`` ends the process's work right after that epoch's resume file is written
     (as a kill would); tests use it to check that resuming gives the uninterrupted metrics.
     """
+    check_model_config(cfg)
     device = resolve_device(cfg)
     with dist.process_group(device.type):
         return _train(cfg, device, resume, stop_after_epoch, prompt_initialiser)
+
+
+def check_model_config(cfg: C.RunConfig, size_key: str = "image_size") -> None:
+    """Backbone name, weights file, image size vs patch size, insertion block: before any data or file."""
+    from ..model.preflight import check_model_settings
+    check_model_settings(cfg.backbone, cfg.weights, getattr(cfg, size_key), cfg.method, cfg.insert_at_block,
+                         size_key)
 
 
 def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoch: Optional[int],
@@ -225,18 +233,18 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out = Path(cfg.out)
-    if dist.is_main():
+    dtype = autocast_dtype(cfg, device)
+    t = cfg.train
+    if t.batch_size % dist.world_size():
+        raise C.ConfigError(f"bad value for config key 'train.batch_size': {t.batch_size} does not divide over "
+                            f"{dist.world_size()} processes")
+    if dist.is_main():  # the config is valid: only now is anything written
         if not resume:
             rf.check_new_run(out)
         out.mkdir(parents=True, exist_ok=True)
         if not resume:  # lines left by a fresh start killed before its first resume file
             rf.atomic_write_text(out / rf.METRICS, "")
         rf.atomic_write_text(out / rf.CONFIG, C.to_yaml(cfg))
-    dtype = autocast_dtype(cfg, device)
-    t = cfg.train
-    if t.batch_size % dist.world_size():
-        raise C.ConfigError(f"bad value for config key 'train.batch_size': {t.batch_size} does not divide over "
-                            f"{dist.world_size()} processes")
     seed_everything(t.seed)
 
     bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=t.seed)

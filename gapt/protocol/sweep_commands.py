@@ -71,10 +71,10 @@ def cmd_sweep(args) -> int:
                 print(f"  {t['name']:28s} {t['status']:8s} {' '.join(f'{k}={v}' for k, v in t['overrides'].items())}"
                       f"{'  ' + t['error'] if t.get('error') else ''}")
         return 0
-    failed = [t["name"] for t in state["trials"] if t["status"] == "failed"]
-    if failed:
-        print(f"{len(failed)} trial(s) failed: {', '.join(failed)} (errors in sweep.json)", file=sys.stderr)
-    return 0 if state["status"] == "done" else 1
+    failed = [t["name"] for t in state["trials"] + state.get("finals", []) if t.get("status") == "failed"]
+    if failed:  # exit non-zero so that schedulers and CI notice, after the summary
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)} (errors in sweep.json)", file=sys.stderr)
+    return 0 if state["status"] == "done" and not failed else 1
 
 
 def _stop_on_sigterm(signum, frame):

@@ -39,8 +39,8 @@ from .. import config as C
 from ..engine import distributed as dist
 from ..engine import runfolder as rf
 from ..engine.progress import Progress
-from ..engine.trainer import (TrainingDiverged, autocast_dtype, resolve_device, rng_state, seed_everything,
-                              set_rng_state)
+from ..engine.trainer import (TrainingDiverged, autocast_dtype, check_model_config, resolve_device, rng_state,
+                              seed_everything, set_rng_state)
 from .data import SegDataset, build_ade20k, build_folder_seg
 from .head import SegmentationModel, seg_loss
 from .transforms import SegEvalPipeline, SegTrainPipeline
@@ -373,6 +373,7 @@ def train_seg(cfg: C.RunConfig, resume: bool = False, multi_scale: bool = False,
     would (``{"stopped_after": it}``).
     """
     check_seg_config(cfg)
+    check_model_config(cfg, size_key="crop_size")
     device = resolve_device(cfg)
     with dist.process_group(device.type):
         return _train_seg(cfg, device, resume, multi_scale, log_every, save_every, stop_after)
