@@ -50,15 +50,18 @@ def resume_hint_on_interrupt(out, command: str):
 
 
 def add_run_override_args(parser: argparse.ArgumentParser, data_root: bool = True) -> None:
-    """--device (and --data-root) of the commands that use a finished run; see run_overrides."""
+    """--device, --weights (and --data-root) of the commands that use a finished run; see run_overrides."""
     parser.add_argument("--device", help="instead of the run's (auto | cpu | cuda | cuda:N)")
+    parser.add_argument("--weights", metavar="PATH", help="the backbone checkpoint, if it moved since training")
     if data_root:
         parser.add_argument("--data-root", help="the dataset's folder, if it moved since training")
 
 
 def run_overrides(args) -> List[str]:
-    """--device / --data-root of eval and predict, as overrides of the run's saved config."""
+    """--device / --weights / --data-root of eval and predict, as overrides of the run's saved config."""
     out = [f"device={args.device}"] if args.device else []
+    if getattr(args, "weights", None):
+        out.append(f"weights={args.weights}")
     if getattr(args, "data_root", None):
         out.append(f"data.root={args.data_root}")
     return out

@@ -81,3 +81,11 @@ def resume_hint(folder: Path, command: str = "gapt train") -> str:
     except Exception:  # noqa: BLE001 - the hint must not hide the interruption
         point = "the last save"
     return f"the state after {point} is saved; continue with `{command} --resume {folder}`"
+
+
+def check_run_weights(run_dir, weights) -> None:
+    """The backbone checkpoint a finished run needs is still there; if not, say how to point at it."""
+    if weights in (None, "timm") or Path(weights).is_file():
+        return
+    raise RunFolderError(f"the backbone checkpoint of run {run_dir} is not found: {weights} (its config.yaml "
+                         f"'weights'); if the file moved, give its new place with --weights PATH")
