@@ -40,6 +40,7 @@ class DataConfig:
     skip_bad_images: bool = False
     num_workers: int = 2
     num_samples: int = 0            # generated datasets (shapes): images per split; 0 = default
+    num_classes: int = 0            # 0 = from the labels; N: classes 0..N-1, a label outside is an error
 
 
 @dataclass

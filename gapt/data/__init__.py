@@ -75,6 +75,16 @@ def _generated(cfg_data, image_size: int, seed: int) -> DatasetBundle:
         raise DataError(str(e)) from e
 
 
+def check_classes(class_names, cfg_data, source: str) -> None:
+    """A one-class task trains nothing; data.num_classes, when given, must match what was found."""
+    given = int(getattr(cfg_data, "num_classes", 0) or 0)
+    if given and given != len(class_names):
+        raise DataError(f"data.num_classes={given} but {source} has {len(class_names)} classes")
+    if len(class_names) < 2:
+        raise DataError(f"{source} has a single class ({', '.join(map(str, class_names)) or 'none'}): "
+                        f"classification needs at least 2")
+
+
 def build_datasets(cfg_data, image_size: int = 224, seed: int = 42) -> DatasetBundle:
     """Read, check and (for un-augmented splits) cache the dataset ``cfg_data`` describes.
 
@@ -98,6 +108,8 @@ def build_datasets(cfg_data, image_size: int = 224, seed: int = 42) -> DatasetBu
     else:
         from .folder import parse_csv
         parsed = parse_csv(cfg_data, seed)
+    if len(parsed.splits["train"]):  # an empty train split is reported by assemble, by name
+        check_classes(parsed.class_names, cfg_data, parsed.source)
     from .bundle import assemble
     bundle = assemble(parsed, cfg_data, image_size)
     info = bundle.info
