@@ -26,6 +26,8 @@ def cmd_train(args) -> int:
             raise SystemExit("gapt train: --resume continues a run with its saved config.yaml; "
                              "drop --config and KEY=VALUE overrides")
         cfg = config_for_resume(args.resume)
+        if finished_and_not_forced(args, "gapt train"):
+            return 0
         with resume_hint_on_interrupt(args.resume, "gapt train"):
             train(cfg, resume=True)
         return 0
@@ -33,6 +35,22 @@ def cmd_train(args) -> int:
     with resume_hint_on_interrupt(cfg.out, "gapt train"):
         train(cfg)
     return 0
+
+
+def finished_and_not_forced(args, command: str) -> bool:
+    """--resume on a finished run: say so (True) unless --force-eval asks to evaluate it again."""
+    from .engine.runfolder import is_finished
+    if not is_finished(args.resume) or args.force_eval:
+        return False
+    print(f"{command}: {args.resume} is finished (results.json written); nothing to resume. "
+          f"--force-eval evaluates it again", file=sys.stderr)
+    return True
+
+
+def add_resume_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
+    parser.add_argument("--force-eval", action="store_true",
+                        help="with --resume on a finished run: run its final evaluation again")
 
 
 @contextlib.contextmanager
@@ -164,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run (YAML config + KEY=VALUE overrides)", epilog=EPILOG)
     t.add_argument("--config", help="YAML config file, or a packaged preset by name (e.g. fgvc/mae_vitb16/cub; "
                                     "see `gapt presets`)")
-    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
+    add_resume_args(t)
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t.set_defaults(func=cmd_train)
 

@@ -153,6 +153,8 @@ def assemble(parsed: ParsedData, cfg_data, image_size: int) -> DatasetBundle:
         "cache": cache_mode,
         "cache_augmented": bool(cfg_data.cache_augmented and parsed.train_augmented and cache_mode != "none"),
         "notes": list(parsed.notes),
+        # False when every val image is also a train image (a final run on train + val)
+        "val_held_out": not set(datasets["val"].paths) <= set(datasets["train"].paths),
     }
     if total_skipped:
         info["skipped"] = skipped

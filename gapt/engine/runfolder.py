@@ -57,7 +57,8 @@ def read_metrics(folder: Path) -> List[Dict]:
 
 
 def truncate_metrics(folder: Path, before_epoch: int) -> None:
-    """Drop lines of epochs the resume state does not cover (written just before a kill)."""
+    """Drop lines of epochs >= ``before_epoch`` (1-based, as in the file): lines the resume state
+    does not cover (written just before a kill)."""
     kept = [r for r in read_metrics(folder) if r.get("epoch", -1) < before_epoch]
     atomic_write_text(Path(folder) / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -89,3 +90,8 @@ def check_run_weights(run_dir, weights) -> None:
         return
     raise RunFolderError(f"the backbone checkpoint of run {run_dir} is not found: {weights} (its config.yaml "
                          f"'weights'); if the file moved, give its new place with --weights PATH")
+
+
+def is_finished(folder) -> bool:
+    """A run whose results.json was written: training and test evaluation are done."""
+    return (Path(folder) / RESULTS).is_file()

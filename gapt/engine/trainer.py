@@ -135,7 +135,7 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
                     max_steps: int = 0, run_dir: Optional[Path] = None) -> Dict[str, float]:
     model.train()
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
-    bar = Progress(steps, f"epoch {epoch}", enabled=dist.is_main())
+    bar = Progress(steps, f"epoch {epoch + 1}", enabled=dist.is_main())  # epochs count from 1 for people
     loss_sum, seen, start, lr = 0.0, 0, time.time(), 0.0
     # On CUDA the losses are read every few steps (one wait for the GPU), so the next
     # batches are queued while it computes; the loss and step reported stay exact.
@@ -152,7 +152,7 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
             if bad_here:
                 kept = run_dir is not None and (run_dir / rf.RESUME).exists()
                 what = f"loss is {value}" if not math.isfinite(value) else "the loss is not finite in another process"
-                raise TrainingDiverged(f"{what} at epoch {epoch} step {step_i}; stopped. " + (
+                raise TrainingDiverged(f"{what} at epoch {epoch + 1} step {step_i}; stopped. " + (
                     f"The state after the last finished epoch is kept in {run_dir / rf.RESUME}" if kept else
                     "No epoch had finished, so there is no state to keep") + "; a lower train.lr may help")
             loss_sum += value * n
@@ -288,13 +288,19 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         set_tuned_state(model, state["tuned"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, train_time = state["epoch"] + 1, state["train_time_s"]
-        best = {"top1": state["best_top1"], "epoch": state["best_epoch"], "state": state["best_tuned"]}
+        # resume files before epochs were numbered from 1 (no "epoch_base") hold a 0-based best epoch
+        best_epoch = state["best_epoch"] + (0 if state.get("epoch_base") == 1 else 1)
+        best = {"top1": state["best_top1"], "epoch": best_epoch, "state": state["best_tuned"]}
         set_rng_state(state["rng"])
         if dist.is_main():
-            rf.truncate_metrics(out, start_epoch)
-        log.info("resuming %s at epoch %d", out, start_epoch)
+            rf.truncate_metrics(out, start_epoch + 1)
+        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, t.epochs)
 
     val_forward = model.forward_from_prefix if cached else model
+    # A final run may train on its val images (train + val): its val top-1 is no held-out score.
+    held_out_val = bundle.info.get("val_held_out", True)
+    if not held_out_val:
+        log.info("final run: val is part of the training data, so no held-out val score is reported")
     for epoch in range(start_epoch, t.epochs):
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model, train_forward, loader, optimizer, schedule, epoch, device, dtype,
@@ -302,17 +308,18 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         train_time += stats.pop("train_time_s")
         model.eval()
         val = evaluate(val_forward, val_set, eval_bs, device, dtype, workers, desc="val")
-        record = {"epoch": epoch, **stats, "val_top1": val["top1"], "val_loss": val["loss"]}
+        record = {"epoch": epoch + 1, **stats, "val_top1": val["top1"], "val_loss": val["loss"]}
         if t.eval_test_every_epoch:  # the reference protocol: costly, and test must not pick models
             record["test_top1"] = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test")["top1"]
         if val["top1"] > best["top1"]:
-            best = {"top1": val["top1"], "epoch": epoch, "state": tuned_state(model)}
+            best = {"top1": val["top1"], "epoch": epoch + 1, "state": tuned_state(model)}
         if dist.is_main():
             rf.append_metrics(out, record)
             rf.atomic_torch_save({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
                                   "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
-                                  "rng": rng_state(), "train_time_s": train_time}, out / rf.RESUME)
-            log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary({k: v for k, v in record.items() if k != "epoch"}))
+                                  "rng": rng_state(), "train_time_s": train_time, "epoch_base": 1}, out / rf.RESUME)
+            shown = {k: v for k, v in record.items() if k != "epoch" and (held_out_val or not k.startswith("val_"))}
+            log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary(shown))
         dist.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             return {"stopped_after_epoch": epoch}
@@ -321,7 +328,7 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
     # are one state when the last epoch was the best (then test runs once).
     last_state = tuned_state(model)
     test_last = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (last)")
-    if best["epoch"] == t.epochs - 1:
+    if best["epoch"] == t.epochs:
         test_best = test_last
     else:
         set_tuned_state(model, best["state"])
@@ -336,13 +343,17 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         "data": bundle.info, "tuned_params": model.num_tuned(), "train_time_s": train_time,
         "epochs": t.epochs, "device": str(device), "precision": "bf16" if dtype else "fp32",
         "world_size": dist.world_size(), "lr": t.lr, "weight_decay": t.weight_decay,
-        "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0,
+        "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0, "val_held_out": held_out_val,
     }
     if dist.is_main():
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
         rf.write_json(out / rf.RESULTS, results)
-        log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
-                 best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
+        if held_out_val:
+            log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
+                     best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
+        else:
+            log.info("done (final run, no held-out val): test top-1 %.2f (state of epoch %d) / %.2f (last) -> %s",
+                     test_best["top1"], best["epoch"], test_last["top1"], out)
     set_tuned_state(model, last_state)
     dist.barrier()
     return results
@@ -361,6 +372,8 @@ class _PrefixForward(torch.nn.Module):
 
 def config_for_resume(run_dir: str) -> C.RunConfig:
     path = Path(run_dir) / rf.CONFIG
+    if not Path(run_dir).is_dir():
+        raise rf.RunFolderError(f"run folder {run_dir} does not exist; nothing to resume")
     if not (Path(run_dir) / rf.RESUME).exists():
         raise rf.RunFolderError(f"{run_dir} has no resume file ({rf.RESUME}); nothing to resume")
     cfg = C.load_config(str(path))

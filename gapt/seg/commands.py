@@ -9,7 +9,7 @@ SEG_EPILOG = ("Config keys: KEY=VALUE overrides, e.g. data.root=/data/ADEChallen
 
 
 def cmd_seg_train(args) -> int:
-    from ..cli import resume_hint_on_interrupt
+    from ..cli import finished_and_not_forced, resume_hint_on_interrupt
     from ..config import load_config
     from ..engine.trainer import config_for_resume
     from .train import train_seg
@@ -19,8 +19,11 @@ def cmd_seg_train(args) -> int:
         if args.config or args.overrides:
             raise SystemExit("gapt seg train: --resume continues a run with its saved config.yaml; "
                              "drop --config and KEY=VALUE overrides")
+        cfg = config_for_resume(args.resume)
+        if finished_and_not_forced(args, "gapt seg train"):
+            return 0
         with resume_hint_on_interrupt(args.resume, "gapt seg train"):
-            results = train_seg(config_for_resume(args.resume), resume=True, **kw)
+            results = train_seg(cfg, resume=True, **kw)
     else:
         cfg = load_config(args.config, args.overrides)
         with resume_hint_on_interrupt(cfg.out, "gapt seg train"):
@@ -79,7 +82,7 @@ def cmd_seg_predict(args) -> int:
 
 def add_commands(subparsers) -> None:
     """Add `gapt seg ...` to the gapt command line (see gapt.cli.COMMAND_MODULES)."""
-    from ..cli import add_run_override_args
+    from ..cli import add_resume_args, add_run_override_args
     seg = subparsers.add_parser("seg", help="semantic segmentation (ADE20K, SETR-PUP heads): train, eval, predict",
                                 epilog=SEG_EPILOG)
     sub = seg.add_subparsers(dest="seg_command", metavar="SEG_COMMAND")
@@ -88,7 +91,7 @@ def add_commands(subparsers) -> None:
     t = sub.add_parser("train", help="train prompts/gates/temperatures + SETR-PUP heads (iteration-based)",
                        epilog=SEG_EPILOG)
     t.add_argument("--config", help="YAML config file, or a packaged preset by name (e.g. ade20k/mae_vitb16)")
-    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
+    add_resume_args(t)
     t.add_argument("--multi-scale", action="store_true", help="also evaluate multi-scale + flip at the end (mIoU_ms)")
     t.add_argument("--log-every", type=int, default=None, metavar="N",
                    help="iterations per metrics line, besides every evaluation (default 50; a resumed run "

@@ -497,7 +497,7 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
             evaluate_now = iteration == t.iterations or (eval_every > 0 and iteration % eval_every == 0)
             if evaluate_now or iteration % log_every == 0:
                 loss_sum, iters = dist.all_sum([pending["loss_sum"], pending["iters"]], device)
-                record = {"iteration": iteration, "epoch": epoch, "loss": loss_sum / max(iters, 1), "lr": lr,
+                record = {"iteration": iteration, "epoch": epoch + 1, "loss": loss_sum / max(iters, 1), "lr": lr,
                           "images_per_s": pending["images"] / max(pending["time"], 1e-9)}
                 pending = {"loss_sum": 0.0, "images": 0, "iters": 0, "time": 0.0}
                 if evaluate_now:
