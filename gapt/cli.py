@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,6 +16,12 @@ EPILOG = "Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("gapt").setLevel(logging.DEBUG if verbose else logging.INFO)
+    warnings.showwarning = _warning_to_log
+
+
+def _warning_to_log(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings on the command line: one log line, without the source file and line."""
+    logging.getLogger("gapt").warning("warning: %s", str(message).strip())
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -95,11 +102,18 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from .engine.inference import predict
-    preds = predict(args.run, args.images, args.top_k, args.batch_size, run_overrides(args))
+    preds = predict(args.run, args.images, args.top_k, args.batch_size, run_overrides(args), skip_bad=args.skip_bad)
+    bad = [p for p in preds if "error" in p]
+    if bad:
+        print(f"gapt predict: skipped {len(bad)} unreadable image(s):", file=sys.stderr)
+        for p in bad:
+            print(f"  {p['image']}: {p['error']}", file=sys.stderr)
     if args.json:
         print(json.dumps(preds, indent=2))
         return 0
     for p in preds:
+        if "error" in p:
+            continue
         print(p["image"])
         for t in p["top"]:
             print(f"  {t['probability']:7.2%}  {t['class']}")
@@ -200,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=5, help="classes listed per image, most probable first (default 5)")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.add_argument("--skip-bad", action="store_true",
+                    help="skip images that cannot be read (listed with their errors) instead of stopping")
     add_run_override_args(pr, data_root=False)
     pr.set_defaults(func=cmd_predict)
 

@@ -37,7 +37,7 @@ def eval_run(run_dir: str, split: str = "test", overrides: Sequence[str] = ()) -
         raise ValueError(f"unknown split '{split}'; valid: train, val, test")
     device = resolve_device(cfg)
     model.to(device)
-    bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.train.seed)
+    bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.train.seed, splits=(split,))
     dataset = getattr(bundle, split)
     bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     out = evaluate(model, dataset, bs, device, autocast_dtype(cfg, device), cfg.data.num_workers, desc=split)
@@ -64,8 +64,12 @@ def expand_images(paths: List[str]) -> List[Path]:
 
 @torch.no_grad()
 def predict(run_dir: str, images: List[str], top_k: int = 5, batch_size: int = 32,
-            overrides: Sequence[str] = ()) -> List[Dict]:
-    """Top-k classes per image (files or folders of images), in batches, with the run's precision."""
+            overrides: Sequence[str] = (), skip_bad: bool = False) -> List[Dict]:
+    """Top-k classes per image (files or folders of images), in batches, with the run's precision.
+
+    An image that cannot be read stops everything, unless ``skip_bad``: then its entry is
+    ``{"image": path, "error": reason, "top": []}`` and the others are predicted.
+    """
     from PIL import Image
     from ..data import eval_transform
     from .progress import Progress
@@ -79,13 +83,18 @@ def predict(run_dir: str, images: List[str], top_k: int = 5, batch_size: int = 3
     out = []
     bar = Progress((len(files) + batch_size - 1) // batch_size, "predict", enabled=len(files) > batch_size)
     for first in range(0, len(files), batch_size):
-        chunk = files[first:first + batch_size]
-        tensors = []
-        for path in chunk:
+        tensors, chunk = [], []
+        for path in files[first:first + batch_size]:
             try:
                 tensors.append(transform(Image.open(path).convert("RGB")))
+                chunk.append(path)
             except Exception as e:
-                raise ValueError(f"cannot read image {path}: {e}") from None
+                if not skip_bad:
+                    raise ValueError(f"cannot read image {path}: {e}; --skip-bad skips such images") from None
+                out.append({"image": str(path), "error": f"{type(e).__name__}: {e}", "top": []})
+        bar.update()
+        if not tensors:
+            continue
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(torch.stack(tensors).to(device))
         top = logits.float().softmax(-1).cpu().topk(min(top_k, logits.shape[-1]))
@@ -93,6 +102,5 @@ def predict(run_dir: str, images: List[str], top_k: int = 5, batch_size: int = 3
             out.append({"image": str(path), "top": [
                 {"class": model.class_names[i], "index": int(i), "probability": float(p)}
                 for p, i in zip(values, indices)]})
-        bar.update()
     bar.close()
     return out
