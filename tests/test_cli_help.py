@@ -35,6 +35,15 @@ def test_help_version_and_keys_import_neither_torch_nor_timm(argv):
     assert line == ["HEAVY="], proc.stderr[-2000:]
 
 
+def test_commands_that_need_no_model_import_no_torch(tmp_path):
+    # a sweep's dry run and a report read configs and JSON files only
+    for argv in (["sweep", "--config", "fgvc/mae_vitb16/cub", "--dry-run", f"out={tmp_path / 'sw'}"],
+                 ["report", str(tmp_path), "--out", str(tmp_path / "rep")]):
+        proc = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
+                              cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        assert "HEAVY=\n" in proc.stderr + "\n", (argv, proc.stderr[-2000:])
+
+
 def test_package_api_is_still_importable_lazily():
     import gapt
     from gapt import build_model, load_model  # noqa: F401 - resolved through the lazy __getattr__

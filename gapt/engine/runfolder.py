@@ -10,8 +10,6 @@ import os
 from pathlib import Path
 from typing import Dict, List
 
-import torch
-
 CONFIG, METRICS, RESULTS, TUNED, RESUME = "config.yaml", "metrics.jsonl", "results.json", "tuned.safetensors", "last.pt"
 
 
@@ -26,6 +24,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    import torch  # here, not at the top: reading a run folder (sweep, report) needs no torch
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -76,6 +75,7 @@ def resume_hint(folder: Path, command: str = "gapt train") -> str:
         return (f"nothing to resume in {folder}: the resume file is written when the first epoch ends; "
                 f"start the run again")
     try:
+        import torch
         state = torch.load(path, map_location="cpu", weights_only=True)
         point = (f"{state['epoch'] + 1} finished epoch(s)" if "epoch" in state else
                  f"{state['iteration']} iterations")
