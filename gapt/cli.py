@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import List, Optional
 
 EPILOG = "Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`."
+# A command that runs offline in about a minute on a CPU (generated images, a random micro ViT).
+TRAIN_EXAMPLE = ("gapt train data.format=shapes data.name=count data.num_samples=200 backbone=mae_vit_micro "
+                 "weights=null image_size=32 train.epochs=2 train.warmup_epochs=1 out=runs/try")
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -193,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"gapt {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train one run (YAML config + KEY=VALUE overrides)", epilog=EPILOG)
+    t = sub.add_parser("train", help="train one run (YAML config + KEY=VALUE overrides)",
+                       epilog=f"{EPILOG}\n\nexamples:\n  {TRAIN_EXAMPLE}\n  gapt train --config fgvc/mae_vitb16/cub "
+                              f"data.root=/data/CUB_200_2011 weights=mae_pretrain_vit_base.pth",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="YAML config file, or a packaged preset by name (e.g. fgvc/mae_vitb16/cub; "
                                     "see `gapt presets`)")
     add_resume_args(t)
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run")
     pr.add_argument("images", nargs="+", help="image files, or folders (every image inside, recursively)")
     pr.add_argument("--top-k", type=int, default=5, help="classes listed per image, most probable first (default 5)")
-    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.add_argument("--skip-bad", action="store_true",
                     help="skip images that cannot be read (listed with their errors) instead of stopping")

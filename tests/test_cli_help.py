@@ -137,3 +137,19 @@ def test_build_model_docstring_documents_every_parameter():
     for name in inspect.signature(build_model).parameters:
         assert re.search(rf"^\s+{name}:", doc, re.M), name
     assert "-gate_init" in doc and "random_seed" in doc and "load_model(f, weights=None)" in doc
+
+
+def test_the_train_help_example_is_a_valid_offline_run(capsys):
+    import shlex
+
+    from gapt.cli import TRAIN_EXAMPLE
+    from gapt.engine.trainer import check_model_config
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert TRAIN_EXAMPLE in capsys.readouterr().out
+    words = shlex.split(TRAIN_EXAMPLE)
+    assert words[:2] == ["gapt", "train"]
+    args = build_parser().parse_args(words[1:])
+    cfg = load_config(args.config, args.overrides)
+    check_model_config(cfg)  # every setting valid, no file or download needed
+    assert cfg.weights is None and cfg.data.format == "shapes"
