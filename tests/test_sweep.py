@@ -156,7 +156,7 @@ def test_killed_sweep_resumes(tmp_path, monkeypatch):
     assert again.calls == [("lr0.5", True), ("lr1.0", False), ("seed42", False)]
     assert first.stat().st_mtime_ns == mtime
     epochs = [json.loads(l)["epoch"] for l in (out / "trials" / "lr0.5" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1]
+    assert epochs == [1, 2]  # epochs count from 1
     assert state["choice"]["name"] == best_trial(out, ["lr0.1", "lr0.5", "lr1.0"])
 
     third = CountingTrain(REAL_TRAIN)
