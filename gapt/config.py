@@ -55,7 +55,7 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "cosine"        # cosine (per iteration) | cosine_epoch (the reference's per-epoch steps)
     seed: int = 42
-    precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | fp32 (strict: TF32 off) | bf16
     compile: bool = False
     grad_checkpointing: bool = False
     max_steps_per_epoch: int = 0    # 0 = whole epoch; >0 caps an epoch (smoke runs)

@@ -9,7 +9,8 @@ import torch
 from .. import config as C
 from ..model import load_model
 from . import runfolder as rf
-from .trainer import autocast_dtype, evaluate, resolve_device
+from .precision import precision_record, precision_scope
+from .trainer import evaluate, resolve_device
 
 
 def load_run(run_dir: str, overrides: Sequence[str] = ()):
@@ -40,8 +41,11 @@ def eval_run(run_dir: str, split: str = "test", overrides: Sequence[str] = ()) -
     bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.train.seed, splits=(split,))
     dataset = getattr(bundle, split)
     bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
-    out = evaluate(model, dataset, bs, device, autocast_dtype(cfg, device), cfg.data.num_workers, desc=split)
-    return {"run": str(run_dir), "split": split, "top1": out["top1"], "loss": out["loss"], "count": out["count"]}
+    with precision_scope(cfg.train.precision, device) as dtype:  # the run's precision (fp32: TF32 off)
+        out = evaluate(model, dataset, bs, device, dtype, cfg.data.num_workers, desc=split)
+        record = precision_record(cfg.train.precision, device)
+    return {"run": str(run_dir), "split": split, "top1": out["top1"], "loss": out["loss"], "count": out["count"],
+            **record}
 
 
 def expand_images(paths: List[str]) -> List[Path]:
@@ -70,16 +74,21 @@ def predict(run_dir: str, images: List[str], top_k: int = 5, batch_size: int = 3
     An image that cannot be read stops everything, unless ``skip_bad``: then its entry is
     ``{"image": path, "error": reason, "top": []}`` and the others are predicted.
     """
-    from PIL import Image
     from ..data import eval_transform
-    from .progress import Progress
     cfg, model, results = load_run(run_dir, overrides)
     files = expand_images(images)  # every path checked before the first forward
     info = results.get("data") or {"format": cfg.data.format, "name": cfg.data.name}
     transform = eval_transform(info, cfg.image_size)
     device = resolve_device(cfg)
-    dtype = autocast_dtype(cfg, device)
     model.to(device)
+    with precision_scope(cfg.train.precision, device) as dtype:
+        return _predict(model, files, transform, device, dtype, top_k, batch_size, skip_bad)
+
+
+def _predict(model, files, transform, device, dtype, top_k: int, batch_size: int,
+             skip_bad: bool = False) -> List[Dict]:
+    from PIL import Image
+    from .progress import Progress
     out = []
     bar = Progress((len(files) + batch_size - 1) // batch_size, "predict", enabled=len(files) > batch_size)
     for first in range(0, len(files), batch_size):

@@ -20,6 +20,7 @@ from .. import config as C
 from ..model import PromptedViT, build_model
 from . import distributed as dist
 from . import runfolder as rf
+from .precision import autocast_dtype_for, precision_record, precision_scope
 from .progress import Progress, summary
 from .schedule import LRSchedule
 
@@ -54,9 +55,7 @@ def resolve_device(cfg: C.RunConfig) -> torch.device:
 
 
 def autocast_dtype(cfg: C.RunConfig, device: torch.device) -> Optional[torch.dtype]:
-    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    return autocast_dtype_for(cfg.train.precision, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -216,7 +215,7 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
     """
     check_model_config(cfg)
     device = resolve_device(cfg)
-    with dist.process_group(device.type):
+    with dist.process_group(device.type), precision_scope(cfg.train.precision, device):  # fp32: TF32 off
         return _train(cfg, device, resume, stop_after_epoch, prompt_initialiser)
 
 
@@ -341,7 +340,8 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         "metrics": {"val_top1_best": best["top1"], "best_epoch": best["epoch"], "test_top1": test_best["top1"],
                     "test_top1_last": test_last["top1"], "test_count": test_best["count"]},
         "data": bundle.info, "tuned_params": model.num_tuned(), "train_time_s": train_time,
-        "epochs": t.epochs, "device": str(device), "precision": "bf16" if dtype else "fp32",
+        "epochs": t.epochs, "device": str(device), **precision_record(t.precision, device),
+        "pos_embed_interpolation": model.pos_embed_interpolation,
         "world_size": dist.world_size(), "lr": t.lr, "weight_decay": t.weight_decay,
         "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0, "val_held_out": held_out_val,
     }

@@ -9,23 +9,37 @@ import torch
 
 from .backbones import BackboneSpec, create_vit, default_pooling, resolve_spec
 from .checkpoints import convert_checkpoint, load_into_vit, read_tensor_file
+from .posembed import check_mode, regrid_pos_embed
 from .prompted import PromptedViT
 
 log = logging.getLogger("gapt")
 
 
 def build_backbone(backbone: Union[str, BackboneSpec], weights: Optional[str] = None,
-                   image_size: Optional[int] = None, random_seed: Optional[int] = None):
+                   image_size: Optional[int] = None, random_seed: Optional[int] = None,
+                   pos_embed_interpolation: str = "bicubic"):
     """(timm ViT with weights loaded, its spec).
 
     ``random_seed`` makes a random backbone (weights=None) reproducible without touching the
     global RNG, so a run's eval/predict can rebuild exactly the backbone it trained.
+    ``pos_embed_interpolation``: how a checkpoint's position embedding is resized to
+    ``image_size``'s grid (bicubic as timm; bilinear as MMSegmentation's SETR).
     """
     spec = backbone if isinstance(backbone, BackboneSpec) else resolve_spec(backbone)
+    vit, spec = _build_backbone(spec, weights, image_size, random_seed, check_mode(pos_embed_interpolation))
+    vit.pos_embed_interpolation = pos_embed_interpolation  # read by PromptedViT.embed for other grids
+    return vit, spec
+
+
+def _build_backbone(spec: BackboneSpec, weights: Optional[str], image_size: Optional[int],
+                    random_seed: Optional[int], pos_embed_interpolation: str):
     if weights == "timm":
         if not spec.timm_name:
             raise ValueError(f"backbone '{spec.name}' has no timm hub weights; pass a checkpoint path")
-        return create_vit(spec, image_size, pretrained_timm=True), spec
+        if pos_embed_interpolation == "bicubic" or not image_size:
+            return create_vit(spec, image_size, pretrained_timm=True), spec
+        return regrid_pos_embed(create_vit(spec, None, pretrained_timm=True), image_size,
+                                pos_embed_interpolation), spec
     if weights is None and random_seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_seed)
@@ -41,7 +55,7 @@ def build_backbone(backbone: Union[str, BackboneSpec], weights: Optional[str] = 
     else:
         fmt = spec.checkpoint_format
     sd, what = convert_checkpoint(raw, fmt, weights)
-    load_into_vit(vit, sd, weights, keep_model_pos_embed=spec.sincos_pos_embed)
+    load_into_vit(vit, sd, weights, keep_model_pos_embed=spec.sincos_pos_embed, pos_embed_mode=pos_embed_interpolation)
     log.info("loaded %s from %s", what, weights)
     return vit, spec
 
@@ -50,7 +64,8 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
                 num_classes: int = 1000, gate_init: float = 5.0, learn_temperature: bool = False,
                 insert_at_block: int = 1, weights: Optional[str] = None, image_size: Optional[int] = None,
                 prompt_dropout: float = 0.1, pooling: Optional[str] = None,
-                class_names: Optional[List[str]] = None, random_seed: Optional[int] = None) -> PromptedViT:
+                class_names: Optional[List[str]] = None, random_seed: Optional[int] = None,
+                pos_embed_interpolation: str = "bicubic") -> PromptedViT:
     """A frozen ViT (timm) with one transfer method and a linear head.
 
     backbone: a registered name (``gapt.model.BACKBONES``, see ``gapt backbones``), a
@@ -85,8 +100,10 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
         tuned file holds only the tuned tensors, not the frozen backbone, so a random backbone
         is redrawn; pass the run's ``random_seed`` (``train.seed``) to get the same one back,
         or the checkpoint path the run used as ``weights``.
+    pos_embed_interpolation: bicubic (timm, classification) or bilinear (SETR, segmentation),
+        for the checkpoint's position embedding and for inputs of another patch grid.
     """
-    vit, spec = build_backbone(backbone, weights, image_size, random_seed)
+    vit, spec = build_backbone(backbone, weights, image_size, random_seed, pos_embed_interpolation)
     return PromptedViT(vit, method=method, num_prompts=num_prompts, num_classes=num_classes,
                        gate_init=gate_init, learn_temperature=learn_temperature,
                        insert_at_block=insert_at_block, prompt_dropout=prompt_dropout,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,14 +85,19 @@ def convert_checkpoint(raw: Dict, fmt: str, path: str = "<checkpoint>") -> Tuple
     raise CheckpointError(f"unknown checkpoint format '{fmt}'")
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
-    """Bicubic interpolation of the patch part of a (1, prefix + h*w, D) position embedding."""
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], num_prefix: int = 1,
+                     mode: str = "bicubic", old_grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Interpolation (``mode``: bicubic as timm, bilinear as MMSegmentation's SETR; half-pixel
+    centres, no antialiasing) of the patch part of a (1, prefix + h*w, D) position embedding;
+    ``old_grid`` (h, w) defaults to a square grid."""
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    old = int(math.isqrt(grid.shape[1]))
-    if old * old != grid.shape[1]:
-        raise CheckpointError(f"position embedding with {grid.shape[1]} patch tokens is not a square grid")
-    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+    if old_grid is None:
+        side = int(math.isqrt(grid.shape[1]))
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != grid.shape[1]:
+        raise CheckpointError(f"position embedding with {grid.shape[1]} patch tokens is not a {old_grid} grid")
+    grid = grid.reshape(1, old_grid[0], old_grid[1], -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode=mode, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
 
@@ -113,11 +118,12 @@ def drop_classifier_head(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tenso
 
 
 def load_into_vit(vit: torch.nn.Module, sd: Dict[str, torch.Tensor], path: str = "<checkpoint>",
-                  keep_model_pos_embed: bool = False) -> None:
+                  keep_model_pos_embed: bool = False, pos_embed_mode: str = "bicubic") -> None:
     """Strictly load ``sd`` into ``vit``: every mismatch is listed in one error.
 
     ``keep_model_pos_embed``: the model's own fixed position embedding (MoCo's sin-cos,
     rebuilt for the model's grid) wins over an interpolated copy of the checkpoint's.
+    ``pos_embed_mode``: how a checkpoint's position embedding is resized to the model's grid.
     """
     own = vit.state_dict()
     sd = drop_classifier_head(sd, own, path)
@@ -127,8 +133,9 @@ def load_into_vit(vit: torch.nn.Module, sd: Dict[str, torch.Tensor], path: str =
         else:
             n_prefix = getattr(vit, "num_prefix_tokens", 1)
             grid = tuple(vit.patch_embed.grid_size)
-            log.info("interpolating position embedding %s -> grid %s", tuple(sd["pos_embed"].shape), grid)
-            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, n_prefix)
+            log.info("interpolating position embedding %s -> grid %s (%s)", tuple(sd["pos_embed"].shape), grid,
+                     pos_embed_mode)
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, n_prefix, mode=pos_embed_mode)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"

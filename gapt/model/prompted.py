@@ -159,10 +159,21 @@ class PromptedViT(nn.Module):
         if self.temperature is not None:
             self.temperature.clamp_(*TEMPERATURE_RANGE)
 
+    @property
+    def pos_embed_interpolation(self) -> str:
+        """How the position embedding meets another patch grid: timm's bicubic unless the backbone
+        was built with another mode (segmentation: bilinear, as SETR; see model/posembed.py)."""
+        return getattr(self.backbone, "pos_embed_interpolation", "bicubic")
+
     # -- forward ----------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         vit = self.backbone
-        x = vit._pos_embed(vit.patch_embed(images))
+        x = vit.patch_embed(images)
+        if self.pos_embed_interpolation != "bicubic" and x.ndim == 4 and vit.pos_embed is not None:
+            from .posembed import add_pos_embed
+            x = add_pos_embed(vit, x, self.pos_embed_interpolation)
+        else:
+            x = vit._pos_embed(x)
         return vit.norm_pre(vit.patch_drop(x))
 
     def _prompts(self, block_index: int, batch: int) -> Optional[torch.Tensor]:

@@ -106,7 +106,8 @@ def add_commands(subparsers) -> None:
     e = sub.add_parser("eval", help="mIoU / mAcc / aAcc (+ per class) of a finished run; updates results.json")
     e.add_argument("run")
     e.add_argument("--split", default="val", choices=["val", "train"], help="the split to evaluate (default: val)")
-    e.add_argument("--multi-scale", action="store_true", help="also ratios 0.5-1.75 + flip (mIoU_ms)")
+    e.add_argument("--multi-scale", action="store_true",
+                   help="also ratios 0.5-1.75 + flip, each resized from the original image (mIoU_ms)")
     e.add_argument("--per-class", action="store_true", help="print every class's IoU and accuracy")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     add_run_override_args(e)

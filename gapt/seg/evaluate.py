@@ -2,13 +2,15 @@
 
 Evaluation follows MMSegmentation's SETR ADE20K test: keep-ratio resize into (4 x crop, crop)
 (2048 x 512 for crop 512), sliding windows of ``crop_size`` with stride round(2/3 crop) (341),
-logits resized to the original label size, argmax; multi-scale adds ratios 0.5..1.75 and
-horizontal flips, averaging softmax probabilities. Pixels are counted in one confusion matrix;
+logits resized to the original label size, argmax; multi-scale adds ratios 0.5..1.75 (each a
+keep-ratio resize of the decoded original image, as MultiScaleFlipAug) and horizontal flips,
+averaging softmax probabilities. Pixels are counted in one confusion matrix;
 under torchrun every process takes images rank, rank + world, ... and the matrices are summed,
 so every image counts once.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -20,10 +22,12 @@ from torch.utils.data import DataLoader
 from .. import config as C
 from ..engine import distributed as dist
 from ..engine import runfolder as rf
+from ..engine.precision import precision_record, precision_scope
 from ..engine.progress import Progress
-from .inference import MS_RATIOS, multiscale_inference, slide_inference
+from .inference import pyramid_inference, slide_inference
 from .metrics import SegMetrics, confusion_matrix, reduce_confusion
 from .palette import save_mask_png, save_overlay_png
+from .transforms import MS_RATIOS, SegMultiScalePipeline
 
 log = logging.getLogger("gapt")
 
@@ -35,18 +39,38 @@ def _model_fn(model, device, dtype):
     return run
 
 
+def multiscale_pipeline(crop_size: int) -> SegMultiScalePipeline:
+    """The multi-scale test input: ratios 0.5..1.75 of the eval scale, each from the original image."""
+    from .train import train_scale
+    return SegMultiScalePipeline(scale=train_scale(crop_size), ratios=MS_RATIOS)
+
+
+def multiscale_view(dataset, crop_size: int):
+    """``dataset`` (a SegDataset) with the multi-scale pipeline: items hold one tensor per ratio."""
+    if not hasattr(dataset, "pipeline"):
+        raise TypeError(f"multi-scale evaluation needs a SegDataset (it re-reads the original images), "
+                        f"got {type(dataset).__name__}")
+    view = copy.copy(dataset)
+    view.pipeline = multiscale_pipeline(crop_size)
+    return view
+
+
 @torch.no_grad()
-def predict_logits(model, image: torch.Tensor, out_size, crop_size: int, device, dtype,
+def predict_logits(model, image, out_size, crop_size: int, device, dtype,
                    multi_scale: bool = False) -> torch.Tensor:
-    """(1, C, *out_size) scores of a normalised (1, 3, h, w) image: slide logits, or multi-scale
-    + flip averaged probabilities."""
-    from .train import slide_stride, train_scale
+    """(1, C, *out_size) scores: slide logits of a normalised (1, 3, h, w) image, or with
+    ``multi_scale`` the flip-averaged probabilities of a list of such tensors, one per test ratio
+    (:func:`multiscale_pipeline`'s, each resized from the original image)."""
+    from .train import slide_stride
     fn = _model_fn(model, device, dtype)
     n, stride = model.num_classes, slide_stride(crop_size)
-    image = image.to(device)
     if multi_scale:
-        return multiscale_inference(fn, image, n, scales=MS_RATIOS, flip=True, base_scale=train_scale(crop_size),
-                                    mode="slide", crop=crop_size, stride=stride, out_size=tuple(out_size))
+        if isinstance(image, torch.Tensor):
+            raise TypeError("multi-scale prediction takes one tensor per test ratio, resized from the original "
+                            "image (multiscale_pipeline), not one tensor")
+        return pyramid_inference(fn, [x.to(device) for x in image], n, flip=True, mode="slide", crop=crop_size,
+                                 stride=stride, out_size=tuple(out_size))
+    image = image.to(device)
     logits = slide_inference(fn, image, n, crop_size, stride)
     if tuple(logits.shape[-2:]) != tuple(out_size):
         logits = torch.nn.functional.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
@@ -59,6 +83,8 @@ def evaluate_seg(model, dataset, crop_size: int, device, dtype=None, workers: in
     """mIoU / mAcc / aAcc / per-class IoU over ``dataset`` (eval pipeline items), one confusion
     matrix summed over processes."""
     model.eval()
+    if multi_scale:
+        dataset = multiscale_view(dataset, crop_size)
     loader = DataLoader(dataset, batch_size=1, sampler=dist.ShardSampler(len(dataset)), num_workers=workers,
                         generator=torch.Generator().manual_seed(0))
     n = model.num_classes
@@ -113,7 +139,7 @@ def eval_run(run_dir: str, split: str = "val", multi_scale: bool = False, overri
         raise ValueError(f"unknown split '{split}'; valid: train, val")
     cfg, model, results = load_seg_run(run_dir, overrides=overrides)
     device = resolve_device(cfg)
-    with dist.process_group(device.type):
+    with dist.process_group(device.type), precision_scope(cfg.train.precision, device):  # fp32: TF32 off
         return _eval_run(run_dir, split, multi_scale, cfg, model, results, device)
 
 
@@ -126,11 +152,12 @@ def _eval_run(run_dir, split, multi_scale, cfg, model, results, device) -> Dict:
     single = evaluate_seg(model, dataset, cfg.crop_size, device, dtype, cfg.data.num_workers, desc=split)
     multi = (evaluate_seg(model, dataset, cfg.crop_size, device, dtype, cfg.data.num_workers, multi_scale=True,
                           desc=f"{split} multi-scale") if multi_scale else None)
-    out = {"run": str(run_dir), "split": split, "images": len(dataset), **single.as_dict()}
+    record = precision_record(cfg.train.precision, device)
+    out = {"run": str(run_dir), "split": split, "images": len(dataset), **single.as_dict(), **record}
     if multi is not None:
         out.update({f"{k}_ms": v for k, v in multi.as_dict().items()})
     if dist.is_main():
-        write_eval_file(run_dir, split, single, multi)
+        write_eval_file(run_dir, split, single, multi, record)
         if split == "val" and results:
             metrics = dict(results.get("metrics") or {})
             metrics.update({k: out[k] for k in ("mIoU", "mAcc", "aAcc")})
@@ -148,25 +175,30 @@ def predict_run(run_dir: str, images: List[str], out_dir: Optional[str] = None, 
     """Colour-coded masks (``<stem>_mask.png``, palette PNG whose values are the class indices)
     and overlays (``<stem>_overlay.png``) for image files or folders of images; default folder
     ``<run>/predictions``."""
-    from ..engine.trainer import autocast_dtype, resolve_device
-    from .data import load_image
+    from ..engine.trainer import resolve_device
     from .train import eval_pipeline
     from ..engine.inference import expand_images
-    from ..engine.progress import Progress
     cfg, model, _ = load_seg_run(run_dir, overrides=overrides)
     files = expand_images(images)  # every path checked before the first forward
     device = resolve_device(cfg)
     model.to(device)
-    dtype = autocast_dtype(cfg, device)
-    pipe = eval_pipeline(cfg.crop_size)
+    pipe = multiscale_pipeline(cfg.crop_size) if multi_scale else eval_pipeline(cfg.crop_size)
     out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
+    with precision_scope(cfg.train.precision, device) as dtype:  # the run's precision (fp32: TF32 off)
+        return _predict_files(model, cfg, files, pipe, out, device, dtype, multi_scale, alpha)
+
+
+def _predict_files(model, cfg, files, pipe, out: Path, device, dtype, multi_scale: bool, alpha: float) -> List[Dict]:
+    from .data import load_image
+    from ..engine.progress import Progress
     done, stems = [], set()
     bar = Progress(len(files), "seg predict", enabled=len(files) > 1)
     for path in files:
         rgb = load_image(path)
         tensor, _ = pipe(rgb, np.zeros(rgb.shape[:2], dtype=np.uint8))
-        scores = predict_logits(model, tensor[None], rgb.shape[:2], cfg.crop_size, device, dtype, multi_scale)
+        batch = [t[None] for t in tensor] if multi_scale else tensor[None]
+        scores = predict_logits(model, batch, rgb.shape[:2], cfg.crop_size, device, dtype, multi_scale)
         mask = scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
         stem = Path(path).stem
         if stem in stems:  # two inputs with one name: keep both

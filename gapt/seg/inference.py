@@ -11,11 +11,10 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .transforms import rescale_size
+from .transforms import MS_RATIOS, scaled_size  # noqa: F401 (re-exported)
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 SizeLike = Union[int, Sequence[int]]
-MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def _pair(x: SizeLike) -> Tuple[int, int]:
@@ -90,41 +89,42 @@ def inference(model_fn: ModelFn, image: torch.Tensor, num_classes: int, mode: st
     raise ValueError(f"inference mode must be 'slide' or 'whole', got '{mode}'")
 
 
-def scaled_size(height: int, width: int, ratio: float,
-                base_scale: Optional[Sequence[int]] = (2048, 512)) -> Tuple[int, int]:
-    """The size an image is resized to for test ratio ``ratio``.
-
-    With ``base_scale`` (MMSegmentation 0.x MultiScaleFlipAug, which the SETR ADE20K results
-    used): a keep-ratio resize into (int(base[0] * r), int(base[1] * r)). With ``None``: the
-    image's own size times ``r`` (MMSegmentation 1.x TTA's ``scale_factor``).
-    """
-    if base_scale is None:
-        return max(int(height * ratio + 0.5), 1), max(int(width * ratio + 0.5), 1)
-    return rescale_size(height, width, (int(base_scale[0] * ratio), int(base_scale[1] * ratio)))
-
-
 @torch.no_grad()
 def multiscale_inference(model_fn: ModelFn, image: torch.Tensor, num_classes: int,
                          scales: Sequence[float] = MS_RATIOS, flip: bool = True,
                          base_scale: Optional[Sequence[int]] = (2048, 512), mode: str = "slide",
                          crop: SizeLike = 512, stride: SizeLike = 341,
                          out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Class probabilities (B, C, *out_size) averaged over test scales (and horizontal flips).
+    """Class probabilities (B, C, *out_size) averaged over test scales (and horizontal flips),
+    each scale resized (bilinear) from the normalised tensor ``image``.
 
-    For each ratio the image is resized (bilinear) to :func:`scaled_size`, run by ``mode``
-    inference (and again mirrored, the logits mirrored back); the logits are resized bilinearly
-    to ``out_size`` (default: the input's size; pass the label's size), turned into softmax
-    probabilities, and the probabilities averaged, as MMSegmentation's aug_test / SegTTAModel do.
-    ``scales=(1.0,), flip=False`` is single-scale testing. Because a keep-ratio resize into
-    ``base_scale`` depends only on the aspect ratio, ``image`` may be the original image or the
-    one already resized by the eval pipeline.
+    MMSegmentation resizes every scale from the decoded uint8 image instead; evaluation does
+    that (``SegMultiScalePipeline`` + :func:`pyramid_inference`). This tensor path stays for
+    callers that only hold a tensor. ``scales=(1.0,), flip=False`` is single-scale testing.
     """
     _, _, h, w = image.shape
-    out_size = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
-    probs = None
-    n = 0
-    for ratio in scales:
-        x = _resize(image, scaled_size(h, w, ratio, base_scale))
+    out_size = (h, w) if out_size is None else out_size
+    pyramid = [_resize(image, scaled_size(h, w, ratio, base_scale)) for ratio in scales]
+    return pyramid_inference(model_fn, pyramid, num_classes, flip, mode, crop, stride, out_size)
+
+
+@torch.no_grad()
+def pyramid_inference(model_fn: ModelFn, images: Sequence[torch.Tensor], num_classes: int, flip: bool = True,
+                      mode: str = "slide", crop: SizeLike = 512, stride: SizeLike = 341,
+                      out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Class probabilities (B, C, *out_size) averaged over ``images``, one normalised (B, 3, h, w)
+    tensor per test scale (e.g. ``SegMultiScalePipeline``'s, each resized from the original image).
+
+    Each scale is run by ``mode`` inference (and again mirrored, the logits mirrored back); the
+    logits are resized bilinearly to ``out_size`` (default: the first image's size; pass the
+    label's size), turned into softmax probabilities, and the probabilities averaged, as
+    MMSegmentation's aug_test / SegTTAModel do.
+    """
+    if not len(images):
+        raise ValueError("multi-scale inference needs at least one scale")
+    out_size = tuple(images[0].shape[-2:]) if out_size is None else (int(out_size[0]), int(out_size[1]))
+    probs, n = None, 0
+    for x in images:
         for mirrored in ((False, True) if flip else (False,)):
             inp = x.flip(-1) if mirrored else x
             logits = inference(model_fn, inp, num_classes, mode, crop, stride)
@@ -133,6 +133,4 @@ def multiscale_inference(model_fn: ModelFn, image: torch.Tensor, num_classes: in
             p = _resize(logits, out_size).softmax(dim=1)
             probs = p if probs is None else probs.add_(p)
             n += 1
-    if probs is None:
-        raise ValueError("multiscale_inference needs at least one scale")
     return probs / n

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .. import config as C
 from ..engine import distributed as dist
 from ..engine import runfolder as rf
+from ..engine.precision import precision_record, precision_scope
 from ..engine.progress import Progress
 from ..engine.trainer import (TrainingDiverged, autocast_dtype, check_model_config, resolve_device, rng_state,
                               seed_everything, set_rng_state)
@@ -51,6 +52,7 @@ SEG_FORMATS = ("ade20k", "seg_folder")
 TUNED_FORMAT = "gapt-seg-tuned"
 REFERENCE_DEPTH, REFERENCE_AUX_BLOCKS = 12, (5, 9)   # the paper's ViT-B choice (SPEC §6)
 HEAD_CHANNELS = 256
+SEG_POS_EMBED_INTERPOLATION = "bilinear"   # MMSegmentation SETR's interpolate_mode (classification: bicubic)
 EVAL_FILE = "eval_{split}.json"
 
 
@@ -166,7 +168,8 @@ def build_seg_model(cfg: C.RunConfig, num_classes: int, class_names: Optional[Li
                               num_classes=num_classes, gate_init=cfg.gate_init,
                               learn_temperature=cfg.learn_temperature, insert_at_block=cfg.insert_at_block,
                               weights=cfg.weights, image_size=cfg.crop_size, prompt_dropout=cfg.prompt_dropout,
-                              pooling=cfg.pooling or None, class_names=class_names)
+                              pooling=cfg.pooling or None, class_names=class_names,
+                              pos_embed_interpolation=SEG_POS_EMBED_INTERPOLATION)
     encoder.head = nn.Identity()
     encoder.backbone.norm.requires_grad_(False)  # the heads read tokens before the final norm (method full)
     encoder.grad_checkpointing = cfg.train.grad_checkpointing
@@ -354,7 +357,8 @@ def _results(cfg: C.RunConfig, model: SegmentationModel, info: Dict, metrics: Di
         "encoder_tuned_params": enc.num_tuned(), "aux_blocks": list(model.aux_blocks), "crop_size": cfg.crop_size,
         "iterations": t.iterations, "batch_size": t.batch_size, "lr": t.lr, "head_lr_mult": t.head_lr_mult,
         "weight_decay": t.weight_decay, "train_time_s": train_time, "device": str(device),
-        "precision": "bf16" if dtype else "fp32", "world_size": dist.world_size(),
+        **precision_record(t.precision, device), "pos_embed_interpolation": enc.pos_embed_interpolation,
+        "world_size": dist.world_size(),
     }
 
 
@@ -375,7 +379,7 @@ def train_seg(cfg: C.RunConfig, resume: bool = False, multi_scale: bool = False,
     check_seg_config(cfg)
     check_model_config(cfg, size_key="crop_size")
     device = resolve_device(cfg)
-    with dist.process_group(device.type):
+    with dist.process_group(device.type), precision_scope(cfg.train.precision, device):  # fp32: TF32 off
         return _train_seg(cfg, device, resume, multi_scale, log_every, save_every, stop_after)
 
 

@@ -20,6 +20,7 @@ IGNORE_INDEX = 255
 # ImageNet mean / std on the 0..255 scale (MMSegmentation's img_norm_cfg, RGB order).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # MMSegmentation's multi-scale test ratios
 
 SizeLike = Union[int, Sequence[int]]
 
@@ -41,6 +42,19 @@ def rescale_size(h: int, w: int, scale: Sequence[float]) -> Tuple[int, int]:
     long_edge, short_edge = max(scale), min(scale)
     factor = min(long_edge / max(h, w), short_edge / min(h, w))
     return max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1)
+
+
+def scaled_size(height: int, width: int, ratio: float,
+                base_scale: Optional[Sequence[int]] = (2048, 512)) -> Tuple[int, int]:
+    """The size an image is resized to for test ratio ``ratio``.
+
+    With ``base_scale`` (MMSegmentation 0.x MultiScaleFlipAug, which the SETR ADE20K results
+    used): a keep-ratio resize into (int(base[0] * r), int(base[1] * r)). With ``None``: the
+    image's own size times ``r`` (MMSegmentation 1.x TTA's ``scale_factor``).
+    """
+    if base_scale is None:
+        return max(int(height * ratio + 0.5), 1), max(int(width * ratio + 0.5), 1)
+    return rescale_size(height, width, (int(base_scale[0] * ratio), int(base_scale[1] * ratio)))
 
 
 def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
@@ -263,3 +277,28 @@ class SegEvalPipeline:
 
     def __repr__(self) -> str:
         return f"SegEvalPipeline(scale={self.scale})"
+
+
+class SegMultiScalePipeline:
+    """Multi-scale test input as MMSegmentation's MultiScaleFlipAug + Resize + Normalize: for every
+    ratio, a keep-ratio resize of the decoded original uint8 image into ``scale`` x ratio
+    (:func:`scaled_size`), then normalisation. Returns (list of (3, h_r, w_r) float32 tensors, one
+    per ratio, label at its original size); flips are taken at inference. ``rng`` is unused."""
+
+    def __init__(self, scale: Optional[Sequence[int]] = (2048, 512),
+                 ratios: Sequence[float] = MS_RATIOS,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        if not len(ratios):
+            raise ValueError("SegMultiScalePipeline needs at least one ratio")
+        self.scale = tuple(scale) if scale is not None else None
+        self.ratios = tuple(float(r) for r in ratios)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None):
+        h, w = image.shape[:2]
+        pyramid = [normalize(resize_image(image, scaled_size(h, w, r, self.scale)), self.mean, self.std)
+                   for r in self.ratios]
+        return pyramid, _label_tensor(label)
+
+    def __repr__(self) -> str:
+        return f"SegMultiScalePipeline(scale={self.scale}, ratios={self.ratios})"
