@@ -9,7 +9,7 @@ import difflib
 import dataclasses
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 import yaml
 from omegaconf import OmegaConf
@@ -46,7 +46,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    warmup_epochs: int = 10
+    warmup_epochs: Union[int, str] = "auto"  # auto = round(epochs / 10), half up: 10 at the paper's 100
     batch_size: int = 64
     eval_batch_size: int = 0        # 0 = 2 x batch_size
     lr: float = 0.1
@@ -124,7 +124,8 @@ KEY_HELP = {
     "data.skip_bad_images": "drop unreadable images (reported) instead of stopping",
     "data.num_workers": "data-loading worker processes",
     "train.epochs": "training epochs (numbered 1..epochs in logs and files)",
-    "train.warmup_epochs": "linear learning-rate warm-up epochs before the cosine decay",
+    "train.warmup_epochs": "linear learning-rate warm-up epochs before the cosine decay; auto = round(epochs / 10), "
+                           "half up",
     "train.batch_size": "images per step, over all processes",
     "train.lr": "base learning rate (SPEC §6 sweeps it)",
     "train.weight_decay": "weight decay",
@@ -306,15 +307,23 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"bad value for config key 'train.lr': {cfg.train.lr} (must be > 0)")
     if cfg.train.weight_decay < 0:
         raise ConfigError(f"bad value for config key 'train.weight_decay': {cfg.train.weight_decay} (must be >= 0)")
-    if not 0 <= cfg.train.warmup_epochs <= cfg.train.epochs:
-        raise ConfigError(f"bad value for config key 'train.warmup_epochs': {cfg.train.warmup_epochs} "
-                          f"(must be in [0, train.epochs={cfg.train.epochs}])")
+    w = cfg.train.warmup_epochs
+    if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= cfg.train.epochs):
+        raise ConfigError(f"bad value for config key 'train.warmup_epochs': {w!r} "
+                          f"(must be 'auto' or an integer in [0, train.epochs={cfg.train.epochs}])")
     if not 0 <= cfg.prompt_dropout < 1:
         raise ConfigError(f"bad value for config key 'prompt_dropout': {cfg.prompt_dropout} (must be in [0, 1))")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"bad value for config key 'data.val_fraction': {cfg.data.val_fraction} (must be in (0, 1))")
     if cfg.insert_at_block < 1:
         raise ConfigError(f"bad value for config key 'insert_at_block': {cfg.insert_at_block} (blocks count from 1)")
+
+
+def warmup_epochs(train: TrainConfig) -> int:
+    """``train.warmup_epochs`` as a number: ``auto`` is epochs / 10 rounded half up (the
+    reference's 10 of 100; 0 below 5 epochs), so a short run needs no second override."""
+    w = train.warmup_epochs
+    return int(train.epochs / 10 + 0.5) if w == "auto" else int(w)
 
 
 def to_yaml(cfg: RunConfig) -> str:

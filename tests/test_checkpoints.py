@@ -4,11 +4,10 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from gapt import CheckpointError, build_model, load_model
-from gapt.model.backbones import sincos_pos_embed_2d
-from gapt.model.checkpoints import resize_pos_embed
 
 from conftest import tiny_model
 
@@ -66,11 +65,19 @@ def test_dino_plain_state_dict_and_safetensors(tmp_path):
 
 def test_other_image_size_interpolates_position_embedding(tmp_path):
     sd = encoder_state()
+    # a known ramp on the 4x4 grid, token t = 4 * row + col: channel c = (c + 1) * row + 0.1 * c * col ** 2
+    rows, cols = torch.arange(4.0)[:, None].expand(4, 4), torch.arange(4.0)[None, :].expand(4, 4)
+    chans = torch.arange(32.0)[:, None, None]
+    ramp = (chans + 1) * rows + 0.1 * chans * cols ** 2                       # (32, 4, 4)
+    sd["pos_embed"] = torch.cat([torch.randn(1, 1, 32), ramp.reshape(32, 16).T[None]], dim=1)
     torch.save({"model": sd}, tmp_path / "mae.pth")
     model = build_model("test_mae_tiny", method="gated", num_prompts=2, num_classes=3, weights=str(tmp_path / "mae.pth"),
                         image_size=48)
     assert model.backbone.pos_embed.shape == (1, 1 + 36, 32)
-    assert torch.allclose(model.backbone.pos_embed, resize_pos_embed(sd["pos_embed"], (6, 6)))
+    grid = F.interpolate(ramp[None], size=(6, 6), mode="bicubic", align_corners=False)[0]  # (32, 6, 6)
+    for r in range(6):
+        for c in range(6):
+            assert torch.allclose(model.backbone.pos_embed[0, 1 + 6 * r + c], grid[:, r, c], atol=1e-5), (r, c)
     assert torch.equal(model.backbone.pos_embed[:, 0], sd["pos_embed"][:, 0])  # CLS untouched
     assert model(torch.randn(2, 3, 48, 48)).shape == (2, 3)
     # MoCo's fixed sin-cos embedding is rebuilt for the new grid, not interpolated
@@ -78,7 +85,8 @@ def test_other_image_size_interpolates_position_embedding(tmp_path):
                tmp_path / "moco.pth.tar")
     moco = build_model("test_moco_tiny", method="gated", num_prompts=2, num_classes=3,
                        weights=str(tmp_path / "moco.pth.tar"), image_size=48)
-    assert torch.allclose(moco.backbone.pos_embed, sincos_pos_embed_2d(6, 6, 32))
+    from test_first_use import moco_v3_sincos
+    assert torch.allclose(moco.backbone.pos_embed, moco_v3_sincos(6, 6, 32), atol=1e-6)  # MoCo's formula
 
 
 def test_checkpoint_errors_name_the_keys(tmp_path):

@@ -169,8 +169,9 @@ def test_prompt_dropout_masks_per_sample_in_training_only(images):
 
 
 # -- a hand-written forward of SPEC §2-3, independent of gapt's code --------------------------
-def reference_forward(model, images, method):
-    """Plain equations: explicit softmax(Q K^T d^-1/2 / tau), prompts spliced per block."""
+def reference_forward(model, images, method, attention_sink=None):
+    """Plain equations: explicit softmax(Q K^T d^-1/2 / tau), prompts spliced per block
+    (each block's attention probabilities appended to ``attention_sink`` if given)."""
     vit = model.backbone
     B = images.shape[0]
     ln = lambda x, m: F.layer_norm(x, (D,), m.weight, m.bias, 1e-6)
@@ -188,6 +189,8 @@ def reference_forward(model, images, method):
         qkv = h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias
         q, k, v = qkv.reshape(B, -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
         attn = torch.softmax(q @ k.transpose(-1, -2) * 16 ** -0.5 / tau[l], dim=-1)
+        if attention_sink is not None:
+            attention_sink.append(attn)
         a = (attn @ v).transpose(1, 2).reshape(B, -1, D)
         x = x + a @ blk.attn.proj.weight.T + blk.attn.proj.bias
         h = ln(x, blk.norm2)
@@ -218,10 +221,14 @@ def test_model_equals_hand_written_reference(backbone, method, images):
 def test_attention_maps_are_softmax_with_temperature(images):
     model = tiny_model(method="gated", learn_temperature=True)
     with torch.no_grad():
-        model.temperature.fill_(0.5)
+        model.temperature.copy_(torch.tensor([0.5, 2.0, 1.3, 0.7]))
+        model.gate_logits.copy_(torch.tensor([-1.0, 0.3, 2.0]))
+        expected = []
+        reference_forward(model, images, "gated", attention_sink=expected)
     maps = model.attention_maps(images)
     assert len(maps) == L and maps[0].shape == (3, 2, 1 + NP + 16, 1 + NP + 16)
-    assert torch.allclose(maps[0].sum(-1), torch.ones(3, 2, 1 + NP + 16), atol=1e-5)
+    for block, (got, want) in enumerate(zip(maps, expected)):  # softmax(Q K^T d^-1/2 / tau_l), by hand
+        assert torch.allclose(got, want, atol=1e-6), block
 
 
 def test_frozen_prefix_cache_gives_same_logits(images):

@@ -340,6 +340,14 @@ import gapt.seg.train as T
 from gapt.config import load_config
 from gapt.engine.trainer import TrainingDiverged
 nan_at = int(sys.argv[2])
+import gapt.seg.evaluate as E
+real_reduce = E.reduce_confusion
+def reduce_confusion(cm):  # record each evaluation's summed confusion matrix: its pixel count
+    out = real_reduce(cm)
+    with open(sys.argv[1] + ".pixels" + os.environ["RANK"], "a") as f:
+        f.write(f"{int(cm.sum())} {int(out.sum())}\n")
+    return out
+E.reduce_confusion = reduce_confusion
 if os.environ["RANK"] == "1" and nan_at >= 0:  # only this process sees a non-finite loss
     real, calls = T.seg_loss, []
     def seg_loss(*a, **k):
@@ -372,6 +380,13 @@ def test_ddp_two_processes(tmp_path, nan_at):
         assert r.returncode == 0, out[-3000:]
         results = json.loads((tmp_path / "run" / "results.json").read_text())
         assert results["world_size"] == 2 and results["metrics"]["mIoU"] is not None
+        # every labelled val pixel counted once: raw ADE20K label 0 is ignored, the rest is labelled
+        labelled = sum(int((np.array(Image.open(p)) != 0).sum()) for p in (root / "annotations" / "validation").iterdir())
+        counts = [[tuple(map(int, line.split())) for line in (tmp_path / f"run.pixels{r}").read_text().splitlines()]
+                  for r in (0, 1)]
+        assert len(counts[0]) == len(counts[1]) >= 1
+        for (own0, total0), (own1, total1) in zip(*counts):
+            assert total0 == total1 == own0 + own1 == labelled and own0 > 0 and own1 > 0
     else:
         assert r.returncode != 0
         said = [(tmp_path / f"run.rank{rank}").read_text() if (tmp_path / f"run.rank{rank}").exists() else out[-2000:]

@@ -278,7 +278,7 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
     loader = _loader(train_set, t.batch_size // dist.world_size(), sampler, workers, t.seed, device.type == "cuda")
     steps_per_epoch = len(loader) if not t.max_steps_per_epoch else min(t.max_steps_per_epoch, len(loader))
     optimizer = make_optimizer(cfg, list(model.tuned_parameters().values()))
-    schedule = LRSchedule(t.lr, t.epochs, t.warmup_epochs, steps_per_epoch, t.schedule)
+    schedule = LRSchedule(t.lr, t.epochs, C.warmup_epochs(t), steps_per_epoch, t.schedule)
 
     start_epoch, best = 0, {"top1": -1.0, "epoch": -1, "state": None}
     train_time = 0.0

@@ -71,15 +71,21 @@ def resolve_spec(backbone: str) -> BackboneSpec:
 
 def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, num_prefix: int = 1,
                         temperature: float = 10000.0) -> torch.Tensor:
-    """MoCo v3's fixed position embedding: [sin w, cos w, sin h, cos h], zeros for CLS."""
+    """MoCo v3's fixed position embedding, zeros for CLS; token order row-major (timm's).
+
+    MoCo v3 (``vits.py``) builds ``meshgrid(grid_w, grid_h)`` in 'ij' order and flattens it,
+    so its first half of the channels (sin/cos of what it calls ``out_w``) follows the token's
+    row and the second half its column. For the square grids MoCo trained on this is exactly
+    its formula; for a non-square grid we keep that meaning (first half: row).
+    """
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
-    gh, gw = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32),
-                            torch.arange(grid_w, dtype=torch.float32), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32),
+                                torch.arange(grid_w, dtype=torch.float32), indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    out_w = gw.flatten()[:, None] * omega[None]
-    out_h = gh.flatten()[:, None] * omega[None]
-    pe = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    by_row = rows.flatten()[:, None] * omega[None]
+    by_col = cols.flatten()[:, None] * omega[None]
+    pe = torch.cat([by_row.sin(), by_row.cos(), by_col.sin(), by_col.cos()], dim=1)
     return torch.cat([torch.zeros(num_prefix, dim), pe], dim=0)[None]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -18,6 +18,8 @@ from .checkpoints import CheckpointError, load_into_vit, read_tensor_file
 log = logging.getLogger("gapt")
 
 FORMAT = "gapt-tuned"
+# gapt.seg's tuned files: the prompted encoder's tensors under "encoder.", plus the heads.
+SEG_FORMAT = "gapt-seg-tuned"
 # Hyper-parameters that must agree between a file and the model it is loaded into.
 IDENTITY_KEYS = ("backbone", "method", "num_prompts", "learn_temperature", "insert_at_block", "num_classes")
 REFERENCE_KEYS = {
@@ -79,6 +81,27 @@ def read_tuned_metadata(path: str) -> Dict:
     out = json.loads(meta["config"])
     out["extra"] = json.loads(meta["extra"]) if "extra" in meta else {}
     return out
+
+
+def read_encoder_tuned(path: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
+    """(hyper-parameters, the prompted encoder's tuned tensors) of a classification or a
+    segmentation tuned file: what analyses of prompts, gates and temperatures read."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"tuned file not found: {path}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a safetensors file: {str(e).splitlines()[0]}") from None
+    if meta.get("format") != SEG_FORMAT:
+        return read_tuned_metadata(path), load_file(str(p))
+    if "config" not in meta:
+        raise CheckpointError(f"{path} is a gapt segmentation tuned file without its config metadata")
+    tensors = load_file(str(p))
+    return json.loads(meta["config"]), {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
 
 
 def _describe(d: Dict) -> str:

@@ -72,7 +72,8 @@ def _fmt(x: Optional[float], digits: int = 2) -> str:
 
 # -- gates ------------------------------------------------------------------------------------
 def gate_values(run_dir: PathLike) -> Dict[str, Any]:
-    """Gates, selection ratios and temperatures of a finished run, read from its tuned file.
+    """Gates, selection ratios and temperatures of a finished run (classification or
+    segmentation), read from its tuned file.
 
     Only the tuned tensors are read (no backbone checkpoint is needed). For a gated run this is
     :func:`gapt.model.selection.selection_ratio` of the tuned (best-val) state plus ``method``;
@@ -81,18 +82,15 @@ def gate_values(run_dir: PathLike) -> Dict[str, Any]:
     """
     from types import SimpleNamespace
 
-    from safetensors.torch import load_file
-
     from ..engine import runfolder as rf
     from ..model.selection import selection_ratio
-    from ..model.tuned import read_tuned_metadata
+    from ..model.tuned import read_encoder_tuned
 
     run = Path(run_dir)
     tuned = run / rf.TUNED
     if not tuned.is_file():
         raise rf.RunFolderError(f"{run_dir} has no {rf.TUNED} (not a gapt run folder, or the run is not finished)")
-    meta = read_tuned_metadata(str(tuned))
-    tensors = load_file(str(tuned))
+    meta, tensors = read_encoder_tuned(str(tuned))  # classification and segmentation runs alike
     gate_logits, temperature = tensors.get("gate_logits"), tensors.get("temperature")
     method = meta.get("method", "?")
     if gate_logits is None and temperature is None:

@@ -187,7 +187,7 @@ class RayExecutor:
             log.warning("ASHA needs 2 or more epochs; running every trial to the end")
             return None
         max_t = epochs - 1  # rungs below the last epoch: the last one is only reported once results.json exists
-        warmup = min(j.cfg.train.warmup_epochs for j in jobs)
+        warmup = min(C.warmup_epochs(j.cfg.train) for j in jobs)
         grace = self.asha_grace or max(1, warmup)
         grace = min(max(1, grace), max_t)
         log.info("ASHA on val top-1: first rung after %d epoch(s), reduction factor %g", grace, self.asha_reduction)

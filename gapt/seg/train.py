@@ -40,6 +40,7 @@ from ..engine import distributed as dist
 from ..engine import runfolder as rf
 from ..engine.precision import precision_record, precision_scope
 from ..engine.progress import Progress
+from ..model.tuned import SEG_FORMAT
 from ..engine.trainer import (TrainingDiverged, autocast_dtype, check_model_config, resolve_device, rng_state,
                               seed_everything, set_rng_state)
 from .data import SegDataset, build_ade20k, build_folder_seg
@@ -49,7 +50,7 @@ from .transforms import SegEvalPipeline, SegTrainPipeline
 log = logging.getLogger("gapt")
 
 SEG_FORMATS = ("ade20k", "seg_folder")
-TUNED_FORMAT = "gapt-seg-tuned"
+TUNED_FORMAT = SEG_FORMAT  # defined beside the classification format: analyses read both
 REFERENCE_DEPTH, REFERENCE_AUX_BLOCKS = 12, (5, 9)   # the paper's ViT-B choice (SPEC §6)
 HEAD_CHANNELS = 256
 SEG_POS_EMBED_INTERPOLATION = "bilinear"   # MMSegmentation SETR's interpolate_mode (classification: bicubic)
