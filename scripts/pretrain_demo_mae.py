@@ -221,10 +221,11 @@ def encoder_state(encoder: VisionTransformer) -> Dict[str, torch.Tensor]:
 
 
 def pretrain(recipe: Dict[str, object], log_every: int = 100, on_checkpoint=None,
-             checkpoint_every: int = 0) -> tuple:
+             checkpoint_every: int = 0, init: Optional[Path] = None) -> tuple:
     """Run the recipe; returns (encoder, final loss = mean of the last 100 steps, seconds).
 
-    ``on_checkpoint(encoder, loss, seconds)`` is called every ``checkpoint_every`` steps."""
+    ``on_checkpoint(encoder, loss, seconds)`` is called every ``checkpoint_every`` steps.
+    ``init``: continue from an encoder written by this script (a fresh decoder is trained with it)."""
     from gapt.data.synthetic import generate_unlabelled
 
     seed = int(recipe["seed"])
@@ -238,6 +239,9 @@ def pretrain(recipe: Dict[str, object], log_every: int = 100, on_checkpoint=None
     encoder = build_encoder()
     model = MaskedAutoencoder(encoder, int(recipe["decoder_embed_dim"]), int(recipe["decoder_depth"]),
                               int(recipe["decoder_num_heads"]))
+    if init is not None:  # after the wrapper, whose MAE init re-initialises the encoder too
+        from safetensors.torch import load_file
+        encoder.load_state_dict(load_file(str(init)), strict=True)
     optimizer = torch.optim.AdamW(param_groups(model, float(recipe["weight_decay"])),
                                   lr=float(recipe["lr"]), betas=tuple(recipe["betas"]))
     steps, bs = int(recipe["steps"]), int(recipe["batch_size"])
@@ -297,6 +301,10 @@ def main(argv=None) -> None:
     ap.add_argument("--num-images", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue pre-training from an encoder this script wrote (new decoder, new schedule)")
+    ap.add_argument("--lr", type=float, default=None, help="override the recipe's peak lr")
+    ap.add_argument("--warmup-steps", type=int, default=None)
     ap.add_argument("--save-every", type=int, default=0,
                     help="also write the encoder every N steps (to watch a long run)")
     args = ap.parse_args(argv)
@@ -305,16 +313,25 @@ def main(argv=None) -> None:
     if args.steps is not None:
         recipe["steps"] = args.steps
         recipe["warmup_steps"] = min(int(recipe["warmup_steps"]), max(1, args.steps // 20))
-    for key, value in (("num_images", args.num_images), ("seed", args.seed), ("threads", args.threads)):
+    for key, value in (("num_images", args.num_images), ("seed", args.seed), ("threads", args.threads),
+                       ("lr", args.lr), ("warmup_steps", args.warmup_steps)):
         if value is not None:
             recipe[key] = value
+    if args.init is not None:
+        # the recipe that made the starting point travels along, so the chain stays readable
+        from safetensors import safe_open
+        with safe_open(str(args.init), framework="pt") as f:
+            meta = f.metadata() or {}
+        recipe["init_from"] = {"file": args.init.name, "recipe": json.loads(meta.get("recipe", "{}")),
+                               "final_loss": float(meta.get("final_loss", "nan")),
+                               "train_seconds": float(meta.get("train_seconds", "nan"))}
     torch.set_num_threads(int(recipe["threads"]))
     torch.use_deterministic_algorithms(True)
     def checkpoint(encoder, loss, seconds):
         save_encoder(encoder, args.out, dict(recipe, stopped_at="checkpoint"), loss, seconds)
 
     encoder, final_loss, seconds = pretrain(recipe, on_checkpoint=checkpoint,
-                                            checkpoint_every=args.save_every)
+                                            checkpoint_every=args.save_every, init=args.init)
     save_encoder(encoder, args.out, recipe, final_loss, seconds)
     size_kb = os.path.getsize(args.out) / 1024
     print(f"final loss {final_loss:.4f} after {seconds:.0f}s; wrote {args.out} ({size_kb:.0f} KiB)")
