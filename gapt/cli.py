@@ -10,7 +10,8 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-EPILOG = "Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`."
+EPILOG = ("Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`. "
+          "Curves: train.logger=auto (TensorBoard under RUN/tb/ when installed) | tensorboard | wandb | none.")
 # A command that runs offline in about a minute on a CPU (generated images, a random micro ViT).
 TRAIN_EXAMPLE = ("gapt train data.format=shapes data.name=count data.num_samples=200 backbone=mae_vit_micro "
                  "weights=null image_size=32 train.epochs=2 train.warmup_epochs=1 out=runs/try")
@@ -143,20 +144,14 @@ def cmd_presets(args) -> int:
 
 
 def cmd_backbones(args) -> int:
-    from .model.backbones import BACKBONES
-    for name, spec in BACKBONES.items():
-        if name.startswith("test_"):
-            continue
-        arch = spec.arch
-        print(f"{name:16s} ViT patch {arch['patch_size']} width {arch['embed_dim']} depth {arch['depth']}  "
-              f"pooling={spec.pooling} checkpoint={spec.checkpoint_format}")
-    print("...or any timm ViT name (weights=timm downloads hub weights when online)")
+    from .model.backbones import describe_backbones
+    print(describe_backbones())
     return 0
 
 
 def cmd_report(args) -> int:
     from .protocol.report import write_report
-    rep = write_report(args.runs, args.out, only_final=args.only_final)
+    rep = write_report(args.runs, args.out, include_trials=args.include_trials and not args.only_final)
     print(rep.markdown())
     print(f"\nwrote {args.out}/report.md and {args.out}/report.csv", file=sys.stderr)
     return 0
@@ -230,17 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a smaller, faster version (used by the tests)")
     d.set_defaults(func=cmd_demo)
 
-    r = sub.add_parser("report", help="tables per task and benchmark means beside the paper's numbers")
+    r = sub.add_parser("report", help="tables per task and benchmark means beside the paper's numbers",
+                       description="Rows pool only runs that differ in seed alone and show the settings they "
+                                   "stand for; each sits beside the matching paper row (Tables 1-4, 6-8). "
+                                   "Exits non-zero, writing nothing, when there are no runs.")
     r.add_argument("runs", nargs="+", help="run folders or folders holding them")
     r.add_argument("--out", default="reports", help="folder for report.md and report.csv (default: reports)")
-    r.add_argument("--only-final", action="store_true", help="leave out sweep trials")
+    r.add_argument("--only-final", action="store_true", help="leave out sweep trials (the default)")
+    r.add_argument("--include-trials", action="store_true",
+                   help="also report sweep trials (data.final=false), each in rows of their own settings")
     r.set_defaults(func=cmd_report)
 
     k = sub.add_parser("keys", help="list every config key with its default and what it means")
     k.set_defaults(func=cmd_keys)
     ps = sub.add_parser("presets", help="list the packaged presets (use one as --config NAME)")
     ps.set_defaults(func=cmd_presets)
-    b = sub.add_parser("backbones", help="list the registered backbones")
+    b = sub.add_parser("backbones", help="list the registered backbones: architecture, pooling, checkpoint "
+                                         "layout, and the file to download (nothing is fetched)")
     b.set_defaults(func=cmd_backbones)
 
     import importlib
@@ -252,9 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Command groups that live beside the layer they drive. Each module defines add_commands(subparsers)
 # and imports nothing heavy at its top: torch, timm, numpy, matplotlib and the modules that use
 # them are imported inside the cmd_* functions, so `gapt --help`, `--version` and `keys` stay fast
-# (tests/test_cli_startup.py checks that neither torch nor timm gets imported). Errors a command
+# (tests/test_cli_help.py checks that neither torch nor timm gets imported). Errors a command
 # defines for user mistakes go in USER_ERRORS below, by module and name.
-COMMAND_MODULES: List[str] = ["gapt.protocol.analyze_commands", "gapt.seg.commands", "gapt.protocol.sweep_commands"]
+COMMAND_MODULES: List[str] = ["gapt.protocol.analyze_commands", "gapt.seg.commands", "gapt.protocol.sweep_commands",
+                              "gapt.protocol.reproduce_commands"]
 
 
 # Errors that are the user's to fix: printed in one line, no traceback. Those defined in heavy

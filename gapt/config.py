@@ -66,6 +66,7 @@ class TrainConfig:
     head_lr_mult: float = 10.0      # segmentation heads' lr multiplier (SETR recipe)
     poly_power: float = 0.9
     min_lr: float = 1e-4
+    logger: str = "auto"              # auto (tensorboard if installed, else none) | tensorboard | wandb | none
 
 
 @dataclass
@@ -75,11 +76,13 @@ class RunConfig:
     method: str = "gated"
     num_prompts: int = 100
     gate_init: float = 10.0
+    gate_type: str = "soft"         # soft: g = sigmoid(gamma) | hard: 0/1 gates, Gumbel-Sigmoid straight-through (SPEC §9)
+    gate_temperature: float = 1.0   # hard gates: the Gumbel-Sigmoid temperature t
     learn_temperature: bool = False
     insert_at_block: int = 1
     prompt_init: str = "random"     # random | prototype
     prompt_dropout: float = 0.1
-    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt)
+    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt | mean_normed)
     image_size: int = 224
     crop_size: int = 512            # segmentation: training crop and sliding window
     data: DataConfig = field(default_factory=DataConfig)
@@ -92,13 +95,15 @@ class RunConfig:
 CHOICES = {
     "method": ["linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated"],
     "prompt_init": ["random", "prototype"],
-    "pooling": ["", "mean", "cls", "img", "prompt"],
+    "gate_type": ["soft", "hard"],
+    "pooling": ["", "mean", "cls", "img", "prompt", "mean_normed"],
     "data.format": ["fgvc", "vtab", "folder", "csv", "shapes", "ade20k", "seg_folder"],
     "data.cache": ["memory", "disk", "none"],
     "data.vtab_resize": ["tf_bilinear", "antialias"],
     "train.optimizer": ["sgd", "adamw"],
     "train.schedule": ["cosine", "cosine_epoch"],
     "train.precision": ["auto", "fp32", "bf16"],
+    "train.logger": ["auto", "tensorboard", "wandb", "none"],
 }
 
 
@@ -315,6 +320,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"bad value for config key 'prompt_dropout': {cfg.prompt_dropout} (must be in [0, 1))")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"bad value for config key 'data.val_fraction': {cfg.data.val_fraction} (must be in (0, 1))")
+    if cfg.gate_type == "hard" and cfg.method != "gated":
+        raise ConfigError(f"config key 'gate_type': 'hard' needs method=gated (got method={cfg.method!r})")
+    if not cfg.gate_temperature > 0:
+        raise ConfigError(f"bad value for config key 'gate_temperature': {cfg.gate_temperature} (must be > 0)")
     if cfg.insert_at_block < 1:
         raise ConfigError(f"bad value for config key 'insert_at_block': {cfg.insert_at_block} (blocks count from 1)")
 

@@ -161,15 +161,18 @@ def test_per_task_mean_std_and_fgvc_mean(runs_dir):
     assert row["present"] == "5/5"
 
 
-def test_only_final_and_sweep_trials(runs_dir):
+def test_sweep_trials_are_left_out_unless_asked_and_never_pooled_with_finals(runs_dir):
     runs = collect_runs(runs_dir)
-    all_runs = build_report(runs)
-    cub = all_runs.task("fgvc", "mae_vitb16", "gated+temperature", "cub")
-    assert cub["n_seeds"] == 4 and cub["mean"] == pytest.approx((70 + 71 + 73 + 50) / 4)
-    assert cub["final"] == "3/4"
-    final = build_report(runs, only_final=True)
-    assert final.task("fgvc", "mae_vitb16", "gated+temperature", "cub")["final"] == "yes"
-    assert final.num_runs == all_runs.num_runs - 1
+    default = build_report(runs)
+    cub = default.task("fgvc", "mae_vitb16", "gated+temperature", "cub")
+    assert cub["n_seeds"] == 3 and cub["mean"] == pytest.approx((70 + 71 + 73) / 3) and cub["final"] == "yes"
+    assert default.trials_left_out == 1 and "--include-trials" in default.markdown()
+    with_trials = build_report(runs, include_trials=True)
+    rows = with_trials.tasks("fgvc", "mae_vitb16", "gated+temperature", "cub")
+    assert sorted((r["n_seeds"], r["final"]) for r in rows if r["n_seeds"]) == [(1, "no"), (3, "yes")]
+    trial = with_trials.task("fgvc", "mae_vitb16", "gated+temperature", "cub", final=False)
+    assert trial["mean"] == 50.0 and "trial" in trial["settings"]
+    assert with_trials.num_runs == default.num_runs + 1
 
 
 def test_missing_task_makes_dependent_means_missing(runs_dir):
@@ -242,7 +245,7 @@ def test_segmentation_and_other_benchmarks(runs_dir):
 
 def test_csv_and_write(runs_dir, tmp_path):
     out = tmp_path / "out"
-    rep = write_report([runs_dir], out, only_final=True)
+    rep = write_report([runs_dir], out)
     text = (out / "report.csv").read_text()
     assert text == rep.csv()
     assert (out / "report.md").read_text() == rep.markdown()
@@ -317,3 +320,111 @@ def test_gates_plot_and_table(tmp_path):
 
     with pytest.raises(ValueError, match="selection ratios"):
         gates_table([("x", {"gate": [0.1, 0.2], "selection_ratio": [1.0], "inserted_prompt_weight": 0.5})])
+
+
+# -- rows keyed by settings, beside Tables 4, 6, 7, 8 (SPEC §8 values typed here) -------------------
+SPEC_TABLE7 = {  # prompts in total -> (VPT-deep row, Ours row), CUB Flowers Cars Dogs NABirds mean
+    24: ((59.68, 67.51, 57.68, 77.91, 54.65, 63.49), (65.26, 73.80, 66.09, 75.72, 62.10, 68.59)),
+    48: ((66.43, 71.31, 64.06, 78.89, 60.62, 68.26), (69.00, 74.71, 70.29, 76.77, 63.73, 70.90)),
+    96: ((70.85, 76.29, 67.63, 78.38, 62.99, 71.23), (71.40, 75.96, 72.16, 77.81, 66.25, 72.72)),
+}
+FGVC = ["cub", "flowers", "cars", "dogs", "nabirds"]
+
+
+def settings_run(root, name, **kw):
+    extra = {k: kw.pop(k) for k in ("lr", "gate_type", "gate_temperature", "batch_size", "epochs",
+                                    "backbone_params", "tuned_params") if k in kw}
+    d = write_run(root, name, **kw)
+    res = json.loads((d / "results.json").read_text())
+    res.update(extra)
+    (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
+def test_rows_pool_only_runs_that_differ_in_seed(tmp_path):
+    root = tmp_path / "runs"
+    for seed, x in [(1, 60.0), (2, 62.0)]:
+        settings_run(root, f"np4-s{seed}", num_prompts=4, seed=seed, metrics=top1(x), lr=0.1)
+    settings_run(root, "np100", num_prompts=100, seed=1, metrics=top1(70.0), lr=0.1)
+    settings_run(root, "np100-lr1", num_prompts=100, seed=1, metrics=top1(20.0), lr=1.0)
+    rep = build_report(collect_runs(root))
+    rows = rep.tasks("fgvc", "mae_vitb16", "gated+temperature", "cub")
+    assert sorted((r["settings"], r["mean"], r["n_seeds"]) for r in rows) == [
+        ("np=100 gate=soft lr=0.1 final", 70.0, 1), ("np=100 gate=soft lr=1 final", 20.0, 1),
+        ("np=4 gate=soft lr=0.1 final", 61.0, 2)]
+    md = rep.markdown()
+    assert "np=4 gate=soft lr=0.1 final" in md and "np=100 gate=soft lr=1 final" in md
+    # the 100-prompt rows meet Table 1's row, the 4-prompt row no paper row
+    assert rep.task("fgvc", "mae_vitb16", "gated+temperature", "cub", num_prompts=100)["paper"] == 70.56
+    assert rep.task("fgvc", "mae_vitb16", "gated+temperature", "cub", num_prompts=4)["paper"] is None
+    # two lrs for cub in one summary group: no FGVC mean, and a note says why
+    assert any("different settings" in n for n in rep.notes)
+    assert rep.summary("fgvc", "mae_vitb16", "gated+temperature", "mean", num_prompts=100)["mean"] is None
+
+
+def test_report_beside_tables_4_6_7_8_with_total_params(tmp_path):
+    root = tmp_path / "runs"
+    for n, (deep, ours) in SPEC_TABLE7.items():
+        for i, task in enumerate(FGVC):
+            settings_run(root, f"t7/deep{n}/{task}", method="vpt-deep", temp=False, task=task, num_prompts=n // 12,
+                         metrics=top1(50.0 + i), backbone_params=1000, tuned_params=10)
+            settings_run(root, f"t7/ours{n}/{task}", task=task, num_prompts=n, metrics=top1(60.0 + i))
+    for task in ("cub", "flowers"):
+        settings_run(root, f"t4/{task}", task=task, gate_type="hard", gate_temperature=1.0, metrics=top1(55.0))
+        settings_run(root, f"t8/l-{task}", backbone="mae_vitl16", task=task, num_prompts=48, metrics=top1(71.0))
+        settings_run(root, f"t8/s-{task}", backbone="mocov3_vits16", method="vpt-shallow", temp=False, task=task,
+                     num_prompts=48, metrics=top1(66.0))
+    settings_run(root, "t6/ours", method="gated", temp=False, benchmark="ade20k", task="ade20k", num_prompts=24,
+                 metrics={"mIoU": 37.0, "mIoU_ms": 38.0})
+    rep = build_report(collect_runs(root))
+    for n, (deep, ours) in SPEC_TABLE7.items():
+        for i, task in enumerate(FGVC):
+            d = rep.task("fgvc", "mae_vitb16", "vpt-deep", task, num_prompts=n // 12)
+            o = rep.task("fgvc", "mae_vitb16", "gated+temperature", task, num_prompts=n)
+            assert (d["paper"], d["paper_table"], o["paper"], o["paper_table"]) == (deep[i], "table7", ours[i], "table7")
+            assert d["diff"] == pytest.approx(50.0 + i - deep[i])
+        mean = rep.summary("fgvc", "mae_vitb16", "gated+temperature", "mean", num_prompts=n)
+        assert mean["paper"] == ours[5] and mean["mean"] == pytest.approx(62.0)
+        deep_mean = rep.summary("fgvc", "mae_vitb16", "vpt-deep", "mean", num_prompts=n // 12)
+        assert deep_mean["total_params"] == pytest.approx((1000 + 5 * 10) / 1000)
+    hard = rep.task("fgvc", "mae_vitb16", "gated+temperature", "flowers", gate_type="hard")
+    assert (hard["paper"], hard["paper_table"]) == (76.55, "table4") and "gate=hard t=1" in hard["settings"]
+    assert rep.task("fgvc", "mae_vitl16", "gated+temperature", "cub")["paper"] == 72.99
+    assert rep.task("fgvc", "mocov3_vits16", "vpt-shallow", "flowers")["paper"] == 84.65
+    assert rep.task("fgvc", "mae_vitl16", "gated+temperature", "cub")["paper_table"] == "table8"
+    seg = rep.task("ade20k", "mae_vitb16", "gated", "ade20k", metric="mIoU_ms")
+    assert (seg["paper"], seg["paper_table"]) == (39.23, "table6")
+
+
+def test_table1_total_params_column(tmp_path):
+    root = tmp_path / "runs"
+    for task in FGVC:
+        settings_run(root, task, task=task, num_prompts=100, metrics=top1(70.0), backbone_params=85_798_656,
+                     tuned_params=77_000 + 769 * 100)
+    mean = build_report(collect_runs(root)).summary("fgvc", "mae_vitb16", "gated+temperature", "mean")
+    assert mean["paper_total_params"] == 1.02
+    assert mean["total_params"] == pytest.approx(1 + 5 * (77_000 + 76_900) / 85_798_656)
+
+
+def test_cli_report_with_no_runs_fails_and_keeps_the_old_report(tmp_path, capsys):
+    from gapt.cli import main
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "report.md").write_text("old")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty), "--out", str(out)]) == 1
+    assert "no runs" in capsys.readouterr().err and (out / "report.md").read_text() == "old"
+    write_run(empty, "trial", final=False, metrics=top1(50.0))
+    assert main(["report", str(empty), "--out", str(out)]) == 1
+    assert "--include-trials" in capsys.readouterr().err and (out / "report.md").read_text() == "old"
+    assert main(["report", str(empty), "--out", str(out), "--include-trials"]) == 0
+    assert "trial" in (out / "report.md").read_text()
+
+
+def test_duplicate_seed_hint_names_the_flag(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "a", seed=1, metrics=top1(50.0))
+    write_run(root, "b", seed=1, metrics=top1(52.0))
+    rep = build_report(collect_runs(root))
+    assert any("--only-final" in n and "only_final" not in n.replace("--only-final", "") for n in rep.notes)

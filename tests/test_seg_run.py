@@ -198,9 +198,11 @@ def test_report_shows_paper_number(trained_run, tmp_path, capsys):
         run = tmp_path / f"{backbone}-{method}"
         run.mkdir()
         res = json.loads((trained_run / "results.json").read_text())
-        res.update(backbone=backbone, method=method, learn_temperature=temp)
+        res.update(backbone=backbone, method=method, learn_temperature=temp, num_prompts=100)  # Table 3's count
         (run / "results.json").write_text(json.dumps(res))
     report = build_report(collect_runs(tmp_path))
+    other = dict(res, backbone="mae_vitb16", method="gated", learn_temperature=False, num_prompts=4)
+    assert build_report([other]).task("ade20k", "mae_vitb16", "gated", "ade20k", metric="mIoU")["paper"] is None
     row = report.task("ade20k", "mae_vitb16", "gated", "ade20k", metric="mIoU")
     assert row["paper"] == 38.44 and row["mean"] == pytest.approx(res["metrics"]["mIoU"])
     assert report.task("ade20k", "mae_vitb16", "gated", "ade20k", metric="mIoU_ms")["paper"] == 39.81

@@ -20,6 +20,7 @@ from .. import config as C
 from ..model import PromptedViT, build_model
 from . import distributed as dist
 from . import runfolder as rf
+from . import tracking
 from .precision import autocast_dtype_for, precision_record, precision_scope
 from .progress import Progress, summary
 from .schedule import LRSchedule
@@ -73,7 +74,9 @@ def model_from_config(cfg: C.RunConfig, num_classes: int, class_names=None) -> P
                             gate_init=cfg.gate_init, learn_temperature=cfg.learn_temperature,
                             insert_at_block=cfg.insert_at_block, weights=cfg.weights, image_size=cfg.image_size,
                             prompt_dropout=cfg.prompt_dropout, pooling=cfg.pooling or None, class_names=class_names,
-                            random_seed=cfg.train.seed)
+                            random_seed=cfg.train.seed, gate_type=cfg.gate_type,
+                            gate_temperature=cfg.gate_temperature)
+    model.seed_gate_noise(cfg.train.seed)
     model.grad_checkpointing = cfg.train.grad_checkpointing
     return model
 
@@ -192,13 +195,18 @@ def set_tuned_state(model: PromptedViT, state: Dict[str, torch.Tensor]) -> None:
             p.copy_(state[k])
 
 
-def rng_state() -> Dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_pos": random.getstate()[2],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state(model: Optional[PromptedViT] = None) -> Dict:
+    out = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_pos": random.getstate()[2],
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if model is not None and model.gate_noise is not None:  # hard gates' Gumbel stream
+        out["gate_noise"] = model.gate_noise.get_state()
+    return out
 
 
-def set_rng_state(s: Dict) -> None:
+def set_rng_state(s: Dict, model: Optional[PromptedViT] = None) -> None:
+    if model is not None and model.gate_noise is not None and "gate_noise" in s:
+        model.gate_noise.set_state(s["gate_noise"])
     torch.set_rng_state(s["torch"])
     random.setstate((3, tuple(s["python"]), s["python_pos"]))
     if s["cuda"] and torch.cuda.is_available():
@@ -237,6 +245,7 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
     if t.batch_size % dist.world_size():
         raise C.ConfigError(f"bad value for config key 'train.batch_size': {t.batch_size} does not divide over "
                             f"{dist.world_size()} processes")
+    tracking.resolve_logger(t.logger)  # a missing package fails before any work
     if dist.is_main():  # the config is valid: only now is anything written
         if not resume:
             rf.check_new_run(out)
@@ -290,10 +299,13 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         # resume files before epochs were numbered from 1 (no "epoch_base") hold a 0-based best epoch
         best_epoch = state["best_epoch"] + (0 if state.get("epoch_base") == 1 else 1)
         best = {"top1": state["best_top1"], "epoch": best_epoch, "state": state["best_tuned"]}
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], model)
         if dist.is_main():
             rf.truncate_metrics(out, start_epoch + 1)
         log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, t.epochs)
+    # curves: one point per epoch at the optimizer-step count, continued (not repeated) on resume
+    tracker = tracking.open_tracker(t.logger, out, start_step=start_epoch * steps_per_epoch, resume=resume,
+                                    config=C.to_dict(cfg), config_text=C.to_yaml(cfg), enabled=dist.is_main())
 
     val_forward = model.forward_from_prefix if cached else model
     # A final run may train on its val images (train + val): its val top-1 is no held-out score.
@@ -314,13 +326,15 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
             best = {"top1": val["top1"], "epoch": epoch + 1, "state": tuned_state(model)}
         if dist.is_main():
             rf.append_metrics(out, record)
+            tracker.log_record(record, (epoch + 1) * steps_per_epoch, model)
             rf.atomic_torch_save({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
                                   "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
-                                  "rng": rng_state(), "train_time_s": train_time, "epoch_base": 1}, out / rf.RESUME)
+                                  "rng": rng_state(model), "train_time_s": train_time, "epoch_base": 1}, out / rf.RESUME)
             shown = {k: v for k, v in record.items() if k != "epoch" and (held_out_val or not k.startswith("val_"))}
             log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary(shown))
         dist.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            tracker.close()
             return {"stopped_after_epoch": epoch}
 
     # Test once: on the best-val state (what the run reports) and on the last state, which
@@ -344,10 +358,14 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         "pos_embed_interpolation": model.pos_embed_interpolation,
         "world_size": dist.world_size(), "lr": t.lr, "weight_decay": t.weight_decay,
         "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0, "val_held_out": held_out_val,
+        "gate_type": cfg.gate_type, "gate_temperature": cfg.gate_temperature, "batch_size": t.batch_size,
+        "prompt_dropout": cfg.prompt_dropout, "pooling": model.pooling,
+        "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
     }
     if dist.is_main():
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
         rf.write_json(out / rf.RESULTS, results)
+        tracker.log_results(results["metrics"], t.epochs * steps_per_epoch)
         if held_out_val:
             log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
                      best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
@@ -355,6 +373,7 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
             log.info("done (final run, no held-out val): test top-1 %.2f (state of epoch %d) / %.2f (last) -> %s",
                      test_best["top1"], best["epoch"], test_last["top1"], out)
     set_tuned_state(model, last_state)
+    tracker.close()
     dist.barrier()
     return results
 

@@ -8,7 +8,7 @@ from typing import List, Optional, Union
 import torch
 
 from .backbones import BackboneSpec, create_vit, default_pooling, resolve_spec
-from .checkpoints import convert_checkpoint, load_into_vit, read_tensor_file
+from .checkpoints import TIMM_FILTERED, convert_checkpoint, filter_with_timm, load_into_vit, read_tensor_file
 from .posembed import check_mode, regrid_pos_embed
 from .prompted import PromptedViT
 
@@ -54,7 +54,10 @@ def _build_backbone(spec: BackboneSpec, weights: Optional[str], image_size: Opti
         fmt = "timm" if spec.checkpoint_format in ("timm", "dino") else spec.checkpoint_format
     else:
         fmt = spec.checkpoint_format
-    sd, what = convert_checkpoint(raw, fmt, weights)
+    if fmt in TIMM_FILTERED:  # timm's own conversion first, then the same strict check
+        sd, what = filter_with_timm(raw, vit, weights, pos_embed_interpolation)
+    else:
+        sd, what = convert_checkpoint(raw, fmt, weights)
     load_into_vit(vit, sd, weights, keep_model_pos_embed=spec.sincos_pos_embed, pos_embed_mode=pos_embed_interpolation)
     log.info("loaded %s from %s", what, weights)
     return vit, spec
@@ -65,7 +68,8 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
                 insert_at_block: int = 1, weights: Optional[str] = None, image_size: Optional[int] = None,
                 prompt_dropout: float = 0.1, pooling: Optional[str] = None,
                 class_names: Optional[List[str]] = None, random_seed: Optional[int] = None,
-                pos_embed_interpolation: str = "bicubic") -> PromptedViT:
+                pos_embed_interpolation: str = "bicubic", gate_type: str = "soft",
+                gate_temperature: float = 1.0) -> PromptedViT:
     """A frozen ViT (timm) with one transfer method and a linear head.
 
     backbone: a registered name (``gapt.model.BACKBONES``, see ``gapt backbones``), a
@@ -102,13 +106,17 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
         or the checkpoint path the run used as ``weights``.
     pos_embed_interpolation: bicubic (timm, classification) or bilinear (SETR, segmentation),
         for the checkpoint's position embedding and for inputs of another patch grid.
+    gate_type: ``soft`` (g = sigmoid(gamma)) or ``hard`` (0/1 gates: Gumbel-Sigmoid with temperature
+        ``gate_temperature`` and straight-through in training, 1[gamma > 0] in evaluation; SPEC §9).
+    gate_temperature: the Gumbel-Sigmoid temperature of hard gates (default 1.0).
     """
     vit, spec = build_backbone(backbone, weights, image_size, random_seed, pos_embed_interpolation)
     return PromptedViT(vit, method=method, num_prompts=num_prompts, num_classes=num_classes,
                        gate_init=gate_init, learn_temperature=learn_temperature,
                        insert_at_block=insert_at_block, prompt_dropout=prompt_dropout,
                        pooling=pooling or default_pooling(spec, vit), backbone_name=spec.name,
-                       class_names=class_names, image_size=image_size or vit.patch_embed.img_size[0])
+                       class_names=class_names, image_size=image_size or vit.patch_embed.img_size[0],
+                       gate_type=gate_type, gate_temperature=gate_temperature)
 
 
 def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Optional[int] = None) -> PromptedViT:
@@ -128,6 +136,7 @@ def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Opti
                             num_classes=meta["num_classes"], gate_init=meta["gate_init"],
                             learn_temperature=meta["learn_temperature"], insert_at_block=meta["insert_at_block"],
                             weights=weights, image_size=meta["image_size"], prompt_dropout=meta["prompt_dropout"],
-                            pooling=meta["pooling"], class_names=meta["class_names"], random_seed=random_seed)
+                            pooling=meta["pooling"], class_names=meta["class_names"], random_seed=random_seed,
+                            gate_type=meta.get("gate_type", "soft"), gate_temperature=meta.get("gate_temperature", 1.0))
     model.load_tuned(tuned_path)
     return model

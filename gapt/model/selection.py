@@ -19,7 +19,8 @@ def selection_ratio_from_gates(gates: torch.Tensor) -> Dict[str, object]:
     return {
         "gate": g.tolist(),
         "block_weight": weights.tolist(),                       # g~_l
-        "selection_ratio": (weights / weights.sum()).tolist(),   # r_l
+        # r_l; all gates closed (possible with hard gates) leaves no block any weight
+        "selection_ratio": (weights / weights.sum() if weights.sum() > 0 else torch.zeros_like(weights)).tolist(),
         "inserted_prompt_weight": float(torch.prod(keep)),      # weight left on P
     }
 
@@ -31,7 +32,9 @@ def selection_ratio(model) -> Dict[str, object]:
     """
     if getattr(model, "gate_logits", None) is None:
         raise ValueError(f"selection_ratio needs a gated model, got method '{getattr(model, 'method', '?')}'")
-    out = selection_ratio_from_gates(model.gate_logits.sigmoid())
+    hard = getattr(model, "gate_type", "soft") == "hard"  # the gates evaluation uses: 1[gamma > 0]
+    gates = (model.gate_logits > 0).to(model.gate_logits.dtype) if hard else model.gate_logits.sigmoid()
+    out = selection_ratio_from_gates(gates)
     temperature: Optional[List[float]] = None
     if model.temperature is not None:
         temperature = model.temperature.detach().clamp(0.01, 10.0).cpu().tolist()

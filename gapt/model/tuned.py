@@ -21,7 +21,8 @@ FORMAT = "gapt-tuned"
 # gapt.seg's tuned files: the prompted encoder's tensors under "encoder.", plus the heads.
 SEG_FORMAT = "gapt-seg-tuned"
 # Hyper-parameters that must agree between a file and the model it is loaded into.
-IDENTITY_KEYS = ("backbone", "method", "num_prompts", "learn_temperature", "insert_at_block", "num_classes")
+IDENTITY_KEYS = ("backbone", "method", "num_prompts", "learn_temperature", "insert_at_block", "num_classes",
+                 "gate_type")
 REFERENCE_KEYS = {
     "enc.prompt_embeddings": "prompt_embeddings",
     "enc.deep_prompt_embeddings": "deep_prompt_embeddings",
@@ -41,6 +42,7 @@ def model_identity(model) -> Dict:
         "num_classes": model.num_classes, "gate_init": model.gate_init, "pooling": model.pooling,
         "image_size": model.image_size, "depth": model.depth, "embed_dim": model.embed_dim,
         "prompt_dropout": model.prompt_dropout.p, "class_names": model.class_names,
+        "gate_type": model.gate_type, "gate_temperature": model.gate_temperature,
     }
 
 

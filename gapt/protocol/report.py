@@ -10,25 +10,34 @@ A *run folder* is any folder holding a ``results.json`` written by the training 
 Segmentation runs have ``"benchmark": "ade20k"`` and ``metrics.mIoU`` (single-scale,
 required) and optionally ``metrics.mIoU_ms`` (multi-scale).
 
-Runs are grouped by (benchmark, backbone, method key, task); the method key follows
-:func:`gapt.protocol.paper.method_key` (e.g. gated + learned temperature is
-``gated+temperature``). The number of prompts is *not* part of the group (VTAB picks it
-per task); the per-task row lists the values seen.
+A report row pools only runs that differ in seed alone: rows are keyed by benchmark, backbone,
+method key (:func:`gapt.protocol.paper.method_key`, e.g. ``gated+temperature``), task and the
+run's settings (:data:`SETTING_KEYS`: gate type and Gumbel temperature, prompt count, gate init,
+lr, weight decay, batch size, epochs, dropout, pooling, precision, final or trial). Runs with
+4 and 100 prompts, or two backbone sizes, are never averaged; every row shows the settings it
+stands for. Sweep trials (``"final": false``) are left out unless ``include_trials=True``.
 
 Per task: mean over seeds, sample standard deviation (ddof=1; shown as "-" in Markdown
 and left empty in CSV when there is one seed), the number of seeds and the seeds.
-Per (benchmark, backbone, method key): the FGVC mean over the 5 datasets, the VTAB-1k
-group means (each the mean of its tasks' means) and the 19-task mean (the mean of the
-19 task means, not of the group means), each next to the paper's number and the
-difference ours - paper. A mean that needs a missing task is missing ("—" in Markdown,
-empty in CSV); it is never taken over the tasks present. The separate column
-"mean over present k/N" gives that partial mean, labelled as such, for a look at
-unfinished sweeps; it is not comparable with the paper.
+Each row sits beside the paper row with the same backbone, method, gate type and prompt
+count (:func:`gapt.protocol.paper.find_paper_row`): Table 1/2/3 at the paper's prompt counts,
+Table 4 for hard gates, Table 7 for 24/48/96-prompt MAE FGVC, Table 8 for ViT-L MAE / ViT-S
+MoCo v3, Table 6 for 24-prompt ADE20K; the ``table`` column names it.
+Per (benchmark, backbone, method key, settings shared by the tasks): the FGVC mean over the 5
+datasets, the VTAB-1k group means (each the mean of its tasks' means) and the 19-task mean
+(the mean of the 19 task means, not of the group means), each next to the paper's number and
+the difference ours - paper. lr, gate init, batch size and weight decay may differ between
+tasks (the paper picks them per task, Table 5), and on VTAB-1k the prompt count too; a task
+with two rows in one summary (two lrs, say) makes that summary's mean missing, with a note.
+A mean that needs a missing task is missing ("—" in Markdown, empty in CSV); it is never
+taken over the tasks present. The separate column "mean over present k/N" gives that partial
+mean, labelled as such, for a look at unfinished sweeps; it is not comparable with the paper.
+The total-parameters column is computed as the paper does: (backbone + every task's prompts,
+gates, temperatures and head) / backbone, from results.json's ``backbone_params`` and
+``tuned_params``, when every task is present.
 
 Runs of other benchmarks (folder, csv, shapes, ...) are listed per task, without paper
-columns. Every run given is reported; ``only_final=True`` keeps only runs whose
-results.json says ``"final": true`` (a results.json without the key counts as final),
-dropping sweep trials.
+columns. ``only_final=True`` is the default behaviour, kept for callers that pass it.
 """
 from __future__ import annotations
 
@@ -42,8 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .paper import (ADE20K_METRICS, FGVC_TASKS, VTAB_GROUP_OF, VTAB_GROUPS, VTAB_TASKS,
-                    method_key as _method_key, paper_number)
+from .paper import (ADE20K_METRICS, FGVC_TASKS, VTAB_GROUP_OF, VTAB_GROUPS, VTAB_TASKS, find_paper_row,
+                    method_key as _method_key)
 
 RESULTS_FILE = "results.json"
 MISSING = "—"  # shown in Markdown for a missing value (CSV leaves the cell empty)
@@ -54,7 +63,18 @@ REQUIRED_KEYS = ("backbone", "method", "learn_temperature", "prompt_init", "benc
 # One CSV row per task row and per summary row; Markdown shows a subset.
 CSV_FIELDS = ("section", "benchmark", "backbone", "method", "group", "name", "metric",
               "mean", "std", "n_seeds", "seeds", "num_prompts", "final",
-              "paper", "diff", "present", "mean_over_present")
+              "paper", "diff", "present", "mean_over_present",
+              "gate_type", "settings", "paper_table", "total_params", "paper_total_params")
+
+# What a run was, besides its seed: runs pool into one row only when all of these agree.
+SETTING_KEYS = ("num_prompts", "gate_type", "gate_temperature", "gate_init", "lr", "weight_decay", "batch_size",
+                "epochs", "iterations", "prompt_dropout", "pooling", "precision", "tf32", "final")
+# Settings the paper picks per task (Table 5): a benchmark mean may combine tasks that differ in them.
+PER_TASK_KEYS = {"fgvc": ("lr", "gate_init", "batch_size", "weight_decay"),
+                 "vtab": ("lr", "gate_init", "batch_size", "weight_decay", "num_prompts")}
+_SHORT = {"num_prompts": "np", "gate_type": "gate", "gate_temperature": "t", "gate_init": "gi", "lr": "lr",
+          "weight_decay": "wd", "batch_size": "bs", "epochs": "ep", "iterations": "it", "prompt_dropout": "pd",
+          "pooling": "pool", "precision": "", "tf32": "", "final": ""}
 
 _BENCHMARK_ORDER = ("fgvc", "vtab", "ade20k")
 _METHOD_ORDER = ("linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
@@ -161,6 +181,37 @@ def collect_runs(paths: Union[str, Path, Iterable[Union[str, Path]]]) -> List[Di
 
 # ----------------------------------------------------------------------------- report
 
+def run_settings(run: Dict[str, Any]) -> Tuple[Tuple[str, Any], ...]:
+    """The settings a run stands for (:data:`SETTING_KEYS` that apply to its method; absent keys left out)."""
+    out = []
+    for key in SETTING_KEYS:
+        value = run.get(key, True if key == "final" else None)
+        if key == "gate_type" and run["method"] == "gated" and value is None:
+            value = "soft"  # results.json from before hard gates
+        if key in ("gate_type", "gate_temperature", "gate_init") and run["method"] != "gated":
+            continue
+        if key == "gate_temperature" and run.get("gate_type", "soft") != "hard":
+            continue
+        if value is not None:
+            out.append((key, value))
+    return tuple(out)
+
+
+def settings_text(settings: Sequence[Tuple[str, Any]]) -> str:
+    """``np=100 gate=hard t=1 lr=0.1 ... fp32 final`` (what a row stands for, in one cell)."""
+    parts = []
+    for key, value in settings:
+        if key == "final":
+            parts.append("final" if value else "trial")
+        elif key == "precision":
+            parts.append(str(value))
+        elif key == "tf32":
+            parts.append("tf32" if value else "no-tf32")
+        else:
+            parts.append(f"{_SHORT[key]}={value:g}" if isinstance(value, float) else f"{_SHORT[key]}={value}")
+    return " ".join(parts)
+
+
 def run_method_key(run: Dict[str, Any]) -> str:
     return _method_key(run["method"], run.get("learn_temperature", False),
                        run.get("prompt_init", "random"), run.get("insert_at_block"))
@@ -205,18 +256,25 @@ class Report:
     num_runs: int = 0
     only_final: bool = False
 
-    # -- lookups (used by tests and callers that want one number)
-    def task(self, benchmark: str, backbone: str, method: str, task: str,
-             metric: Optional[str] = None) -> Optional[Dict[str, Any]]:
-        for r in self.task_rows:
-            if (r["benchmark"], r["backbone"], r["method"], r["name"]) == (benchmark, backbone, method, task) \
-                    and (metric is None or r["metric"] == metric):
-                return r
-        return None
+    trials_left_out: int = 0
 
-    def summary(self, benchmark: str, backbone: str, method: str, name: str) -> Optional[Dict[str, Any]]:
+    # -- lookups (used by tests and callers that want one number); ``settings`` narrows by
+    # run settings, e.g. num_prompts=48 or final=False
+    def tasks(self, benchmark: str, backbone: str, method: str, task: str, metric: Optional[str] = None,
+              **settings) -> List[Dict[str, Any]]:
+        return [r for r in self.task_rows
+                if (r["benchmark"], r["backbone"], r["method"], r["name"]) == (benchmark, backbone, method, task)
+                and (metric is None or r["metric"] == metric) and _matches(r, settings)]
+
+    def task(self, benchmark: str, backbone: str, method: str, task: str,
+             metric: Optional[str] = None, **settings) -> Optional[Dict[str, Any]]:
+        rows = self.tasks(benchmark, backbone, method, task, metric, **settings)
+        return rows[0] if rows else None
+
+    def summary(self, benchmark: str, backbone: str, method: str, name: str, **settings) -> Optional[Dict[str, Any]]:
         for r in self.summary_rows:
-            if (r["benchmark"], r["backbone"], r["method"], r["name"]) == (benchmark, backbone, method, name):
+            if (r["benchmark"], r["backbone"], r["method"], r["name"]) == (benchmark, backbone, method, name) \
+                    and _matches(r, settings):
                 return r
         return None
 
@@ -232,8 +290,11 @@ class Report:
 
     def markdown(self) -> str:
         out: List[str] = ["# gapt report", ""]
-        which = "final runs only" if self.only_final else "all runs (final and sweep trials)"
-        out.append(f"{self.num_runs} runs, {which}. Numbers are test top-1 % (ADE20K: mIoU %); "
+        which = "final runs and sweep trials" if not self.only_final else "final runs" + (
+            f" ({self.trials_left_out} sweep trial(s) left out; --include-trials shows them)"
+            if self.trials_left_out else "")
+        out.append(f"{self.num_runs} runs, {which}. A row pools only runs that differ in seed alone; "
+                   f"\"settings\" says what they are. Numbers are test top-1 % (ADE20K: mIoU %); "
                    f"ours = mean over seeds, std = sample std over seeds (ddof=1; \"-\" when there is one seed), "
                    f"n = number of seeds. "
                    f"\"{MISSING}\" marks a missing task, and any mean that needs it is missing too. "
@@ -264,7 +325,13 @@ class Report:
         return "\n".join(out)
 
     def write(self, out_dir: Union[str, Path]) -> Tuple[Path, Path]:
-        """Write ``report.md`` and ``report.csv`` into ``out_dir`` (created); return both paths."""
+        """Write ``report.md`` and ``report.csv`` into ``out_dir`` (created); return both paths.
+
+        A report of no runs is an error (:class:`NoRunsError`) and leaves an existing report as it was."""
+        if not self.num_runs:
+            raise NoRunsError("no runs to report" + (f" ({self.trials_left_out} sweep trial(s) left out; "
+                                                     f"--include-trials reports them)" if self.trials_left_out else
+                                                     "") + f"; {out_dir} left as it was")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         md, cs = out_dir / "report.md", out_dir / "report.csv"
@@ -273,38 +340,65 @@ class Report:
         return md, cs
 
 
-def build_report(runs: Iterable[Dict[str, Any]], only_final: bool = False) -> Report:
-    """Group runs into per-task and per-benchmark rows (see the module docstring)."""
+class NoRunsError(ValueError):
+    """Nothing to report: no run folder, or only sweep trials left out."""
+
+
+def _matches(row: Dict[str, Any], settings: Dict[str, Any]) -> bool:
+    have = dict(row.get("_settings", ()))
+    return all(have.get(k) == v for k, v in settings.items())
+
+
+def build_report(runs: Iterable[Dict[str, Any]], only_final: bool = True, include_trials: bool = False) -> Report:
+    """Group runs into per-task and per-benchmark rows (see the module docstring).
+
+    Sweep trials (``"final": false``) are left out unless ``include_trials``; ``only_final``
+    (the default) is kept for callers that pass it; ``only_final=False`` includes trials too."""
     runs = list(runs)
     for i, run in enumerate(runs):
         validate_run(run, run.get("run_dir", f"<run {i}>") if isinstance(run, dict) else f"<run {i}>")
-    if only_final:
+    keep_trials = include_trials or not only_final
+    trials = [r for r in runs if not r.get("final", True)]
+    if not keep_trials:
         runs = [r for r in runs if r.get("final", True)]
-    report = Report(num_runs=len(runs), only_final=only_final)
+    report = Report(num_runs=len(runs), only_final=not keep_trials,
+                    trials_left_out=0 if keep_trials else len(trials))
 
-    groups: Dict[Tuple[str, str, str, str], List[Dict[str, Any]]] = {}
+    # task rows: one per (benchmark, backbone, method key, settings, task)
+    groups: Dict[Tuple, List[Dict[str, Any]]] = {}
     for run in runs:
-        key = (run["benchmark"], run["backbone"], run_method_key(run), run["task"])
+        key = (run["benchmark"], run["backbone"], run_method_key(run), run_settings(run), run["task"])
         groups.setdefault(key, []).append(run)
 
-    # a known benchmark's tasks that no run covers still get a row, shown as missing
+    def summary_settings(benchmark, settings):
+        free = PER_TASK_KEYS.get(benchmark, ())
+        return tuple((k, v) for k, v in settings if k not in free)
+
+    # a known benchmark's tasks that no run of a summary group covers still get a row, shown as missing
     expected = {"fgvc": FGVC_TASKS, "vtab": VTAB_TASKS}
-    for benchmark, backbone, mkey, _ in list(groups):
+    covered: Dict[Tuple, set] = {}
+    for benchmark, backbone, mkey, settings, task in groups:
+        covered.setdefault((benchmark, backbone, mkey, summary_settings(benchmark, settings)), set()).add(task)
+    for (benchmark, backbone, mkey, ssettings), tasks in covered.items():
         for task in expected.get(benchmark, ()):
-            groups.setdefault((benchmark, backbone, mkey, task), [])
+            if task not in tasks:
+                groups.setdefault((benchmark, backbone, mkey, ssettings, task), [])
 
     # per task
-    task_means: Dict[Tuple[str, str, str], Dict[str, Optional[float]]] = {}
+    task_values: Dict[Tuple, Dict[str, List[Dict[str, Any]]]] = {}
     for key in sorted(groups, key=lambda k: (_benchmark_sort_key(k[0]), k[1], _method_sort_key(k[2]),
-                                             _task_sort_key(k[0], k[3]))):
-        benchmark, backbone, mkey, task = key
+                                             repr(summary_settings(k[0], k[3])), _task_sort_key(k[0], k[4]),
+                                             repr(k[3]))):
+        benchmark, backbone, mkey, settings, task = key
         members = groups[key]
+        sdict = dict(settings)
         seeds = [r["seed"] for r in members]
         dupes = sorted({s for s in seeds if seeds.count(s) > 1})
         if dupes:
-            report.notes.append(f"{benchmark}/{backbone}/{mkey}/{task}: seed(s) {dupes} appear more than "
-                                f"once, all counted (sweep trials? use only_final): " + ", ".join(r.get("run_dir", "?") for r in members
-                                                                   if r["seed"] in dupes))
+            report.notes.append(f"{benchmark}/{backbone}/{mkey}/{task} [{settings_text(settings)}]: seed(s) {dupes} "
+                                f"appear more than once with the same settings, all counted (the same run copied "
+                                f"twice? sweep trials? leave trials out with --only-final): "
+                                + ", ".join(r.get("run_dir", "?") for r in members if r["seed"] in dupes))
         finals = sum(1 for r in members if r.get("final", True))
         if not members:
             final = ""
@@ -315,52 +409,79 @@ def build_report(runs: Iterable[Dict[str, Any]], only_final: bool = False) -> Re
         if benchmark == "fgvc" and task not in FGVC_TASKS or benchmark == "vtab" and task not in VTAB_TASKS:
             report.notes.append(f"{benchmark}/{backbone}/{mkey}: task {task!r} is not one of the "
                                 f"benchmark's tasks; it is listed but enters no mean")
+        table, paper_row = find_paper_row(benchmark, backbone, mkey, sdict.get("num_prompts"),
+                                          sdict.get("gate_type", "soft"))
+        tuned = next((r.get("tuned_params") for r in members if r.get("tuned_params") is not None), None)
+        bparams = next((r.get("backbone_params") for r in members if r.get("backbone_params")), None)
         for metric in primary_metrics(benchmark):
             pairs = [(r["seed"], r["metrics"][metric]) for r in members
                      if r["metrics"].get(metric) is not None]
             values = [v for _, v in pairs]
             mean = _mean(values)
             paper = None
-            if benchmark == "fgvc" and task in FGVC_TASKS:
-                paper = paper_number("fgvc", backbone, mkey, task)
-            elif benchmark == "ade20k":
-                paper = paper_number("ade20k", backbone, mkey, metric)
-            if benchmark in ("fgvc", "vtab"):
-                task_means.setdefault((benchmark, backbone, mkey), {})[task] = mean
-            report.task_rows.append({
+            if paper_row is not None and (benchmark == "fgvc" and task in FGVC_TASKS or benchmark == "ade20k"):
+                paper = paper_row.values.get(task if benchmark == "fgvc" else metric.lower())
+            row = {
                 "section": "task", "benchmark": benchmark, "backbone": backbone, "method": mkey,
                 "group": group, "name": task, "metric": metric,
                 "mean": mean, "std": _std(values), "n_seeds": len(values),
                 "seeds": " ".join(str(s) for s, _ in sorted(pairs)),
                 "num_prompts": " ".join(str(p) for p in prompts), "final": final,
                 "paper": paper, "diff": _diff(mean, paper), "present": None, "mean_over_present": None,
-            })
+                "gate_type": sdict.get("gate_type", ""), "settings": settings_text(settings),
+                "paper_table": table if paper is not None else "", "total_params": None,
+                "paper_total_params": None, "_settings": settings, "_tuned": tuned, "_backbone_params": bparams,
+            }
+            report.task_rows.append(row)
+            if benchmark in ("fgvc", "vtab") and metric == "test_top1":
+                skey = (benchmark, backbone, mkey, summary_settings(benchmark, settings))
+                task_values.setdefault(skey, {}).setdefault(task, []).append(row)
 
-    # per (benchmark, backbone, method): FGVC mean, VTAB group means and 19-task mean
-    for (benchmark, backbone, mkey), means in task_means.items():
+    # per (benchmark, backbone, method, shared settings): FGVC mean, VTAB group means and 19-task mean
+    for (benchmark, backbone, mkey, ssettings), by_task in task_values.items():
         if benchmark == "fgvc":
             columns = [("mean", "", FGVC_TASKS)]
-        elif benchmark == "vtab":
-            columns = [(g, g, tasks) for g, tasks in VTAB_GROUPS.items()] + [("mean", "", VTAB_TASKS)]
         else:
-            continue
+            columns = [(g, g, tasks) for g, tasks in VTAB_GROUPS.items()] + [("mean", "", VTAB_TASKS)]
+        sdict = dict(ssettings)
+        ambiguous = sorted(t for t, rows in by_task.items() if len([r for r in rows if r["n_seeds"]]) > 1)
+        if ambiguous:
+            report.notes.append(f"{benchmark}/{backbone}/{mkey} [{settings_text(ssettings)}]: task(s) "
+                                f"{', '.join(ambiguous)} have runs with different settings (e.g. two lrs), so "
+                                f"the benchmark means of this group are missing; report fewer runs to get them")
+        means = {t: next((r["mean"] for r in rows if r["mean"] is not None), None) for t, rows in by_task.items()}
+        table, paper_row = find_paper_row(benchmark, backbone, mkey, sdict.get("num_prompts"),
+                                          sdict.get("gate_type", "soft"))
         for name, group, tasks in columns:
             present = [means[t] for t in tasks if means.get(t) is not None]
-            full = _mean(present) if len(present) == len(tasks) else None
-            paper = paper_number(benchmark, backbone, mkey, name)
+            full = _mean(present) if len(present) == len(tasks) and not ambiguous else None
+            paper = paper_row.values.get(name) if paper_row is not None else None
+            total = None
+            if name == "mean" and full is not None:
+                rows = [next(r for r in by_task[t] if r["mean"] is not None) for t in tasks]
+                if all(r["_tuned"] is not None and r["_backbone_params"] for r in rows):
+                    b = rows[0]["_backbone_params"]
+                    total = (b + sum(r["_tuned"] for r in rows)) / b
             report.summary_rows.append({
                 "section": "summary", "benchmark": benchmark, "backbone": backbone, "method": mkey,
                 "group": group, "name": name, "metric": "test_top1",
-                "mean": full, "std": None, "n_seeds": None, "seeds": "", "num_prompts": "", "final": "",
+                "mean": full, "std": None, "n_seeds": None, "seeds": "",
+                "num_prompts": str(sdict.get("num_prompts", "")) if benchmark == "fgvc" else "per task",
+                "final": "",
                 "paper": paper, "diff": _diff(full, paper),
                 "present": f"{len(present)}/{len(tasks)}", "mean_over_present": _mean(present),
+                "gate_type": sdict.get("gate_type", ""), "settings": settings_text(ssettings),
+                "paper_table": table if paper is not None else "",
+                "total_params": total, "paper_total_params": paper_row.total_params
+                if paper_row is not None and name == "mean" else None, "_settings": ssettings,
             })
     return report
 
 
-def write_report(paths, out_dir, only_final: bool = False) -> Report:
-    """collect_runs + build_report + Report.write, for ``gapt report``."""
-    report = build_report(collect_runs(paths), only_final=only_final)
+def write_report(paths, out_dir, only_final: bool = True, include_trials: bool = False) -> Report:
+    """collect_runs + build_report + Report.write, for ``gapt report`` (NoRunsError when nothing to report)."""
+    report = build_report(collect_runs(paths), only_final=only_final and not include_trials,
+                          include_trials=include_trials)
     report.write(out_dir)
     return report
 
@@ -416,12 +537,26 @@ _COL = {
     "diff": ("diff", lambda r: _fmt(r["diff"], signed=True)),
     "present": ("tasks present", lambda r: r["present"]),
     "partial": ("mean over present k/N (not comparable)", lambda r: _fmt(r["mean_over_present"])),
+    "settings": ("settings", lambda r: r["settings"] or MISSING),
+    "table": ("paper table", lambda r: r["paper_table"] or MISSING),
+    "params": ("total params (ours / paper)", lambda r: _fmt_params(r)),
 }
-_TASK_COLS_PAPER = ("backbone", "method", "task", "ours", "std", "n", "seeds", "prompts", "final", "paper", "diff")
-_TASK_COLS_GROUP = ("backbone", "method", "group", "task", "ours", "std", "n", "seeds", "prompts", "final")
-_TASK_COLS_SEG = ("backbone", "method", "metric", "ours", "std", "n", "seeds", "prompts", "final", "paper", "diff")
-_TASK_COLS_PLAIN = ("backbone", "method", "task", "ours", "std", "n", "seeds", "prompts", "final")
-_SUMMARY_COLS = ("backbone", "method", "column", "ours", "paper", "diff", "present", "partial")
+
+
+def _fmt_params(r: Dict[str, Any]) -> str:
+    ours, paper = r.get("total_params"), r.get("paper_total_params")
+    if ours is None and paper is None:
+        return MISSING
+    return f"{f'{ours:.3f}x' if ours is not None else MISSING} / {f'{paper:.2f}x' if paper is not None else MISSING}"
+
+_TASK_COLS_PAPER = ("backbone", "method", "task", "ours", "std", "n", "seeds", "prompts", "settings", "final",
+                    "table", "paper", "diff")
+_TASK_COLS_GROUP = ("backbone", "method", "group", "task", "ours", "std", "n", "seeds", "prompts", "settings", "final")
+_TASK_COLS_SEG = ("backbone", "method", "metric", "ours", "std", "n", "seeds", "prompts", "settings", "final",
+                  "table", "paper", "diff")
+_TASK_COLS_PLAIN = ("backbone", "method", "task", "ours", "std", "n", "seeds", "prompts", "settings", "final")
+_SUMMARY_COLS = ("backbone", "method", "column", "ours", "paper", "diff", "present", "partial", "settings", "table",
+                 "params")
 
 
 def _md_section(title: str, rows: List[Dict[str, Any]], cols: Sequence[str]) -> List[str]:

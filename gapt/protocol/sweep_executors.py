@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from .. import config as C
 from ..engine.runfolder import RESULTS
 from .sweep_jobs import (ERROR_FILE, TRIAL_CONFIG, WORKER_LOG, Job, SweepError, format_error, load_preload,
-                         localize_device, read_error, write_error)
+                         localize_device, read_error, resolve_runner, write_error)
 
 
 # -- executors ----------------------------------------------------------------------------------
@@ -44,7 +44,8 @@ class InlineExecutor:
         for job in jobs:
             on_start(job)
             try:
-                trainer.train(job.cfg, resume=job.resume)
+                train = resolve_runner(job.runner) if job.runner else trainer.train
+                train(job.cfg, resume=job.resume)
             except Exception as e:  # a failed run is recorded; the sweep goes on
                 write_error(job.folder, format_error(e), traceback.format_exc())
                 on_end(job, "failed", format_error(e))
@@ -112,6 +113,8 @@ class ProcessExecutor:
         cmd = [self.python, "-m", "gapt.protocol.sweep_executors", "--worker", str(job.folder / TRIAL_CONFIG)]
         if job.resume:
             cmd.append("--resume")
+        if job.runner:
+            cmd += ["--runner", job.runner]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         for p in self.preload:
@@ -235,6 +238,7 @@ def _worker_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--preload", action="append", default=[])
+    p.add_argument("--runner", default="", help="module:function that trains the config (default: the trainer)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     folder = Path(args.worker).parent
@@ -245,7 +249,7 @@ def _worker_main(argv: Optional[List[str]] = None) -> int:
             torch.set_num_threads(args.threads)
         cfg = C.load_config(args.worker)
         cfg = localize_device(dataclasses.replace(cfg, out=str(folder)), os.environ.get("GAPT_SWEEP_GPU") == "1")
-        from ..engine.trainer import train
+        train = resolve_runner(args.runner)
         train(cfg, resume=args.resume)
     except KeyboardInterrupt:
         return 130

@@ -52,10 +52,20 @@ class Job:
     total: int = 0
     resume: bool = False
     started: float = 0.0
+    runner: str = ""                  # "module:function" that trains cfg; "" = the classification trainer
 
     @property
     def label(self) -> str:
         return f"[{self.index}/{self.total}] {self.kind} {self.name}"
+
+
+def resolve_runner(name: str = ""):
+    """The function a job calls as ``fn(cfg, resume=...)``: ``module:function``, default the trainer."""
+    module, _, fn = (name or "gapt.engine.trainer:train").partition(":")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise SweepError(f"unknown run function {name!r} ({e})") from None
 
 
 def folder_state(folder: Path) -> str:

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .. import config as C
 from ..engine import distributed as dist
 from ..engine import runfolder as rf
+from ..engine import tracking
 from ..engine.precision import precision_record, precision_scope
 from ..engine.progress import Progress
 from ..model.tuned import SEG_FORMAT
@@ -108,6 +109,8 @@ def check_seg_config(cfg: C.RunConfig) -> None:
     if cfg.prompt_init != "random":
         raise C.ConfigError(f"bad value for config key 'prompt_init': {cfg.prompt_init!r}; `gapt seg` supports "
                             "'random' only")
+    if cfg.gate_type != "soft":  # the paper's hard gates are a classification ablation (Table 4)
+        raise C.ConfigError(f"bad value for config key 'gate_type': {cfg.gate_type!r}; `gapt seg` supports 'soft' only")
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -403,6 +406,7 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
             rf.atomic_write_text(out / rf.METRICS, "")
             rf.atomic_write_text(out / rf.CONFIG, C.to_yaml(cfg))
     dtype = autocast_dtype(cfg, device)
+    tracking.resolve_logger(t.logger)  # a missing package fails before any work
 
     train_set = seg_dataset(cfg, "train", SegTrainPipeline(cfg.crop_size, scale=train_scale(cfg.crop_size)), t.seed)
     val_set = seg_dataset(cfg, "val", eval_pipeline(cfg.crop_size), t.seed)
@@ -447,6 +451,8 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
     log_every, save_every = log_every or LOG_EVERY, save_every or SAVE_EVERY
     if log_every < 1 or save_every < 1:
         raise ValueError(f"log_every and save_every must be >= 1, got {log_every} and {save_every}")
+    tracker = tracking.open_tracker(t.logger, out, start_step=iteration, resume=resume, config=C.to_dict(cfg),
+                                    config_text=C.to_yaml(cfg), enabled=dist.is_main())
 
     def save_resume() -> None:
         if dist.is_main():
@@ -511,6 +517,7 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
                     model.train()
                 if dist.is_main():
                     rf.append_metrics(out, record)
+                    tracker.log_record(record, iteration, model.encoder)
                     log.info("iteration %d/%d loss %.4f lr %.3g%s", iteration, t.iterations, record["loss"], lr,
                              f" mIoU {_pct(last_eval.miou)}" if evaluate_now else "")
             if evaluate_now or iteration % save_every == 0 or iteration == stop_after:
@@ -518,6 +525,7 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
                 dist.barrier()
             if iteration == stop_after and iteration < t.iterations:
                 bar.close()
+                tracker.close()
                 return {"stopped_after": iteration}
             if iteration >= t.iterations:
                 break
@@ -535,7 +543,15 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
         save_seg_tuned(out / rf.TUNED, cfg, model, extra={"data": info, "iteration": iteration})
         write_eval_file(out, "val", last_eval, ms, {"iteration": iteration})
         rf.write_json(out / rf.RESULTS, results)
+        tracker.log_results(result_metrics, iteration)
         log.info("done: val mIoU %s%s -> %s", _pct(last_eval.miou),
                  f" (multi-scale {_pct(ms.miou)})" if ms is not None else "", out)
+    tracker.close()
     dist.barrier()
     return results
+
+
+def train_seg_multi_scale(cfg: C.RunConfig, resume: bool = False) -> Dict:
+    """train_seg with the multi-scale + flip evaluation at the end (mIoU_ms): what `gapt reproduce`'s
+    ADE20K runs call through the sweep executors (``gapt.seg.train:train_seg_multi_scale``)."""
+    return train_seg(cfg, resume=resume, multi_scale=True)

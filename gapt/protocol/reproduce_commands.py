@@ -1,0 +1,108 @@
+"""`gapt reproduce TABLE`: plan the runs of a paper table, run them, write the table beside the paper's."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DESCRIPTION = """\
+Train every run a table of the paper needs and write it beside the paper's numbers (SPEC §8):
+Ours with the paper's settings (Table 5 presets), rows the paper gives no settings for with
+SPEC §6's lr search on val. Runs go through the sweep executors (local workers or Ray): a
+rerun of the same command keeps finished runs, resumes interrupted ones, lists failed ones.
+
+  gapt reproduce table4 --data-root /data/fgvc --weights mae_pretrain_vit_base.pth
+  gapt reproduce table1 --data-root /data/fgvc --weights mae_vitb16=mae.pth --weights mocov3_vitb16=moco.pth.tar
+  gapt reproduce table1 --data-root /data/fgvc --backbone mae_vitb16 --weights mae.pth --dry-run
+  gapt reproduce table2 --data-root /data/vtab-1k --backbone mocov3_vitb16 --weights moco.pth.tar --workers 4
+  gapt reproduce table4 --data-root /data/fgvc --weights mae.pth train.epochs=1   # a smoke run
+
+--data-root is one folder holding the datasets in their documented layouts: FGVC
+CUB_200_2011/ OxfordFlower/ Stanford-cars/ Stanford-dogs/ nabirds/; VTAB-1k <task>/;
+ADE20K ADEChallengeData2016/. Outputs under --out (default runs/reproduce/TABLE): one folder
+per cell, reproduce.json, TABLE.md and TABLE.csv (each cell: ours, paper, difference)."""
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import PLANS, ReproduceError, dry_run, get_plan, parse_weights, render_plan, run_plan
+    from pathlib import Path
+    try:
+        plan = get_plan(args.table)
+        if args.backbone:
+            have = sorted({s.backbone for s in plan.specs})
+            if args.backbone not in have:
+                raise ReproduceError(f"{args.table} has no backbone {args.backbone!r}; it uses {', '.join(have)}")
+            plan.specs = [s for s in plan.specs if s.backbone == args.backbone]
+        bad = [i for i in args.overrides if "=" not in i]
+        if bad:
+            raise ReproduceError(f"'{bad[0]}' is not KEY=VALUE (tables: {', '.join(PLANS)})")
+        out = Path(args.out or f"runs/reproduce/{args.table}")
+        if args.render_only:
+            paths = render_plan(plan, out, args.seeds)
+            print(paths[0].read_text())
+            return 0
+        if args.dry_run:
+            weights = parse_weights(args.weights, sorted({s.backbone for s in plan.specs}))
+            info = dry_run(plan, out, Path(args.data_root or "."), weights, args.overrides, args.seeds)
+            if args.json:
+                print(json.dumps(info, indent=2))
+                return 0
+            for s in info["specs"]:
+                unit = "iterations" if "iterations" in s else "epochs"
+                print(f"  {s['name']:40s} {s['runs']:3d} run(s) x {s[unit]} {unit}  {s['what']}  [{s['settings']}]"
+                      f"{'  (' + str(s['finals_done']) + ' final(s) done)' if s['finals_done'] else ''}")
+            print(f"{info['plan']}: {len(info['specs'])} cell(s), {info['runs']} run(s), {info['epochs']} "
+                  f"epochs/iterations in all, under {info['out']}")
+            return 0
+        if not args.data_root:
+            raise ReproduceError("give --data-root DIR (the folder holding the benchmark's datasets)")
+        ray_options = {"address": args.ray_address} if args.backend == "ray" else {}
+        state = run_plan(plan, out, args.data_root, weights=args.weights, overrides=args.overrides,
+                         seeds=args.seeds, backend=args.backend, workers=args.workers, preload=args.preload,
+                         retry_failed=args.retry_failed, ray_options=ray_options)
+        paths = render_plan(plan, out, args.seeds)
+        print(paths[0].read_text())
+        print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
+        if state["failed"]:
+            print(f"{len(state['failed'])} cell(s) failed or unfinished:", file=sys.stderr)
+            for name, err in state["failed"].items():
+                print(f"  {name}: {err}", file=sys.stderr)
+            return 1
+        return 0
+    except ReproduceError as e:
+        print(f"gapt reproduce: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main_wrapper(args) -> int:
+    from .sweep_jobs import SweepError
+    try:
+        return cmd_reproduce(args)
+    except SweepError as e:
+        print(f"gapt reproduce: error: {e}", file=sys.stderr)
+        return 1
+
+
+def add_commands(subparsers) -> None:
+    r = subparsers.add_parser("reproduce", help="train the runs of a paper table and write it beside the paper's",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("table", help="table1, table2, table3, table4, table6, table7 or table8")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run (e.g. train.epochs=1)")
+    r.add_argument("--data-root", help="folder holding the benchmark's datasets in their documented layouts")
+    r.add_argument("--weights", action="append", default=[], metavar="FILE|BACKBONE=FILE",
+                   help="backbone checkpoint; BACKBONE=FILE once per backbone when the table has several")
+    r.add_argument("--backbone", help="run only this backbone's rows (e.g. mae_vitb16)")
+    r.add_argument("--out", help="output folder (default runs/reproduce/TABLE)")
+    r.add_argument("--seeds", type=int, default=1, help="final runs per cell: seeds 42..42+N-1 (default 1, "
+                                                         "the paper's single seed)")
+    r.add_argument("--dry-run", action="store_true", help="print the runs, their count and epochs; train nothing")
+    r.add_argument("--json", action="store_true", help="--dry-run: print JSON")
+    r.add_argument("--render-only", action="store_true", help="write the table from the runs already finished")
+    r.add_argument("--workers", type=int, default=None,
+                   help="runs at once: default one per GPU, else 1; 0 runs inline in this process")
+    r.add_argument("--backend", default="local", choices=["local", "ray"], help="local worker processes or Ray Tune")
+    r.add_argument("--ray-address", default=None, help="'auto' joins a running Ray cluster")
+    r.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    r.add_argument("--preload", action="append", default=[], metavar="MODULE|FILE.py",
+                   help="import this in every worker first (e.g. a module registering a custom backbone)")
+    r.set_defaults(func=_main_wrapper)
