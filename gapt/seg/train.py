@@ -42,8 +42,8 @@ from ..engine import tracking
 from ..engine.precision import precision_record, precision_scope
 from ..engine.progress import Progress
 from ..model.tuned import SEG_FORMAT
-from ..engine.trainer import (TrainingDiverged, autocast_dtype, resolve_device, rng_state, seed_everything,
-                              set_rng_state)
+from ..engine.trainer import (TrainingDiverged, autocast_dtype, check_model_config, resolve_device, rng_state,
+                              seed_everything, set_rng_state)
 from .data import SegDataset, build_ade20k, build_folder_seg
 from .head import SegmentationModel, seg_loss
 from .transforms import SegEvalPipeline, SegTrainPipeline
@@ -381,6 +381,7 @@ def train_seg(cfg: C.RunConfig, resume: bool = False, multi_scale: bool = False,
     would (``{"stopped_after": it}``).
     """
     check_seg_config(cfg)
+    check_model_config(cfg, size_key="crop_size")
     device = resolve_device(cfg)
     with dist.process_group(device.type), precision_scope(cfg.train.precision, device):  # fp32: TF32 off
         return _train_seg(cfg, device, resume, multi_scale, log_every, save_every, stop_after)
@@ -507,7 +508,7 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
             evaluate_now = iteration == t.iterations or (eval_every > 0 and iteration % eval_every == 0)
             if evaluate_now or iteration % log_every == 0:
                 loss_sum, iters = dist.all_sum([pending["loss_sum"], pending["iters"]], device)
-                record = {"iteration": iteration, "epoch": epoch, "loss": loss_sum / max(iters, 1), "lr": lr,
+                record = {"iteration": iteration, "epoch": epoch + 1, "loss": loss_sum / max(iters, 1), "lr": lr,
                           "images_per_s": pending["images"] / max(pending["time"], 1e-9)}
                 pending = {"loss_sum": 0.0, "images": 0, "iters": 0, "time": 0.0}
                 if evaluate_now:
