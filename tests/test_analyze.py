@@ -281,7 +281,7 @@ def test_insertion_sweep_resumes_unfinished(tmp_path):
     (row,) = summary["runs"]
     assert row["status"] == "resumed" and row["prefix_cache_blocks"] == 3
     metrics = [json.loads(line) for line in (tmp_path / "s" / "insert_4" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert [m["epoch"] for m in metrics] == [1, 2]
     with pytest.raises(ValueError, match="blocks 1..4"):
         insertion_sweep(cfg, blocks=[5])
 

@@ -20,6 +20,7 @@ from .. import config as C
 from ..model import PromptedViT, build_model
 from . import distributed as dist
 from . import runfolder as rf
+from . import tracking
 from .precision import autocast_dtype_for, precision_record, precision_scope
 from .progress import Progress, summary
 from .schedule import LRSchedule
@@ -136,7 +137,7 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
                     max_steps: int = 0, run_dir: Optional[Path] = None) -> Dict[str, float]:
     model.train()
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
-    bar = Progress(steps, f"epoch {epoch}", enabled=dist.is_main())
+    bar = Progress(steps, f"epoch {epoch + 1}", enabled=dist.is_main())  # epochs count from 1 for people
     loss_sum, seen, start, lr = 0.0, 0, time.time(), 0.0
     # On CUDA the losses are read every few steps (one wait for the GPU), so the next
     # batches are queued while it computes; the loss and step reported stay exact.
@@ -153,7 +154,7 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
             if bad_here:
                 kept = run_dir is not None and (run_dir / rf.RESUME).exists()
                 what = f"loss is {value}" if not math.isfinite(value) else "the loss is not finite in another process"
-                raise TrainingDiverged(f"{what} at epoch {epoch} step {step_i}; stopped. " + (
+                raise TrainingDiverged(f"{what} at epoch {epoch + 1} step {step_i}; stopped. " + (
                     f"The state after the last finished epoch is kept in {run_dir / rf.RESUME}" if kept else
                     "No epoch had finished, so there is no state to keep") + "; a lower train.lr may help")
             loss_sum += value * n
@@ -220,9 +221,17 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
     ``stop_after_epoch`` ends the process's work right after that epoch's resume file is written
     (as a kill would); tests use it to check that resuming gives the uninterrupted metrics.
     """
+    check_model_config(cfg)
     device = resolve_device(cfg)
     with dist.process_group(device.type), precision_scope(cfg.train.precision, device):  # fp32: TF32 off
         return _train(cfg, device, resume, stop_after_epoch, prompt_initialiser)
+
+
+def check_model_config(cfg: C.RunConfig, size_key: str = "image_size") -> None:
+    """Backbone name, weights file, image size vs patch size, insertion block: before any data or file."""
+    from ..model.preflight import check_model_settings
+    check_model_settings(cfg.backbone, cfg.weights, getattr(cfg, size_key), cfg.method, cfg.insert_at_block,
+                         size_key)
 
 
 def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoch: Optional[int],
@@ -231,18 +240,19 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out = Path(cfg.out)
-    if dist.is_main():
+    dtype = autocast_dtype(cfg, device)
+    t = cfg.train
+    if t.batch_size % dist.world_size():
+        raise C.ConfigError(f"bad value for config key 'train.batch_size': {t.batch_size} does not divide over "
+                            f"{dist.world_size()} processes")
+    tracking.resolve_logger(t.logger)  # a missing package fails before any work
+    if dist.is_main():  # the config is valid: only now is anything written
         if not resume:
             rf.check_new_run(out)
         out.mkdir(parents=True, exist_ok=True)
         if not resume:  # lines left by a fresh start killed before its first resume file
             rf.atomic_write_text(out / rf.METRICS, "")
         rf.atomic_write_text(out / rf.CONFIG, C.to_yaml(cfg))
-    dtype = autocast_dtype(cfg, device)
-    t = cfg.train
-    if t.batch_size % dist.world_size():
-        raise C.ConfigError(f"bad value for config key 'train.batch_size': {t.batch_size} does not divide over "
-                            f"{dist.world_size()} processes")
     seed_everything(t.seed)
 
     bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=t.seed)
@@ -286,13 +296,22 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         set_tuned_state(model, state["tuned"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, train_time = state["epoch"] + 1, state["train_time_s"]
-        best = {"top1": state["best_top1"], "epoch": state["best_epoch"], "state": state["best_tuned"]}
+        # resume files before epochs were numbered from 1 (no "epoch_base") hold a 0-based best epoch
+        best_epoch = state["best_epoch"] + (0 if state.get("epoch_base") == 1 else 1)
+        best = {"top1": state["best_top1"], "epoch": best_epoch, "state": state["best_tuned"]}
         set_rng_state(state["rng"], model)
         if dist.is_main():
-            rf.truncate_metrics(out, start_epoch)
-        log.info("resuming %s at epoch %d", out, start_epoch)
+            rf.truncate_metrics(out, start_epoch + 1)
+        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, t.epochs)
+    # curves: one point per epoch at the optimizer-step count, continued (not repeated) on resume
+    tracker = tracking.open_tracker(t.logger, out, start_step=start_epoch * steps_per_epoch, resume=resume,
+                                    config=C.to_dict(cfg), config_text=C.to_yaml(cfg), enabled=dist.is_main())
 
     val_forward = model.forward_from_prefix if cached else model
+    # A final run may train on its val images (train + val): its val top-1 is no held-out score.
+    held_out_val = bundle.info.get("val_held_out", True)
+    if not held_out_val:
+        log.info("final run: val is part of the training data, so no held-out val score is reported")
     for epoch in range(start_epoch, t.epochs):
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model, train_forward, loader, optimizer, schedule, epoch, device, dtype,
@@ -300,26 +319,29 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         train_time += stats.pop("train_time_s")
         model.eval()
         val = evaluate(val_forward, val_set, eval_bs, device, dtype, workers, desc="val")
-        record = {"epoch": epoch, **stats, "val_top1": val["top1"], "val_loss": val["loss"]}
+        record = {"epoch": epoch + 1, **stats, "val_top1": val["top1"], "val_loss": val["loss"]}
         if t.eval_test_every_epoch:  # the reference protocol: costly, and test must not pick models
             record["test_top1"] = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test")["top1"]
         if val["top1"] > best["top1"]:
-            best = {"top1": val["top1"], "epoch": epoch, "state": tuned_state(model)}
+            best = {"top1": val["top1"], "epoch": epoch + 1, "state": tuned_state(model)}
         if dist.is_main():
             rf.append_metrics(out, record)
+            tracker.log_record(record, (epoch + 1) * steps_per_epoch, model)
             rf.atomic_torch_save({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
                                   "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
-                                  "rng": rng_state(model), "train_time_s": train_time}, out / rf.RESUME)
-            log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary({k: v for k, v in record.items() if k != "epoch"}))
+                                  "rng": rng_state(model), "train_time_s": train_time, "epoch_base": 1}, out / rf.RESUME)
+            shown = {k: v for k, v in record.items() if k != "epoch" and (held_out_val or not k.startswith("val_"))}
+            log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary(shown))
         dist.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            tracker.close()
             return {"stopped_after_epoch": epoch}
 
     # Test once: on the best-val state (what the run reports) and on the last state, which
     # are one state when the last epoch was the best (then test runs once).
     last_state = tuned_state(model)
     test_last = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (last)")
-    if best["epoch"] == t.epochs - 1:
+    if best["epoch"] == t.epochs:
         test_best = test_last
     else:
         set_tuned_state(model, best["state"])
@@ -335,7 +357,7 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
         "epochs": t.epochs, "device": str(device), **precision_record(t.precision, device),
         "pos_embed_interpolation": model.pos_embed_interpolation,
         "world_size": dist.world_size(), "lr": t.lr, "weight_decay": t.weight_decay,
-        "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0,
+        "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0, "val_held_out": held_out_val,
         "gate_type": cfg.gate_type, "gate_temperature": cfg.gate_temperature, "batch_size": t.batch_size,
         "prompt_dropout": cfg.prompt_dropout, "pooling": model.pooling,
         "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
@@ -343,9 +365,15 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
     if dist.is_main():
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
         rf.write_json(out / rf.RESULTS, results)
-        log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
-                 best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
+        tracker.log_results(results["metrics"], t.epochs * steps_per_epoch)
+        if held_out_val:
+            log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
+                     best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
+        else:
+            log.info("done (final run, no held-out val): test top-1 %.2f (state of epoch %d) / %.2f (last) -> %s",
+                     test_best["top1"], best["epoch"], test_last["top1"], out)
     set_tuned_state(model, last_state)
+    tracker.close()
     dist.barrier()
     return results
 
@@ -363,6 +391,8 @@ class _PrefixForward(torch.nn.Module):
 
 def config_for_resume(run_dir: str) -> C.RunConfig:
     path = Path(run_dir) / rf.CONFIG
+    if not Path(run_dir).is_dir():
+        raise rf.RunFolderError(f"run folder {run_dir} does not exist; nothing to resume")
     if not (Path(run_dir) / rf.RESUME).exists():
         raise rf.RunFolderError(f"{run_dir} has no resume file ({rf.RESUME}); nothing to resume")
     cfg = C.load_config(str(path))

@@ -8,7 +8,7 @@ from typing import List, Optional, Union
 import torch
 
 from .backbones import BackboneSpec, create_vit, default_pooling, resolve_spec
-from .checkpoints import convert_checkpoint, load_into_vit, read_tensor_file
+from .checkpoints import TIMM_FILTERED, convert_checkpoint, filter_with_timm, load_into_vit, read_tensor_file
 from .posembed import check_mode, regrid_pos_embed
 from .prompted import PromptedViT
 
@@ -58,7 +58,10 @@ def _build_backbone(spec: BackboneSpec, weights: Optional[str], image_size: Opti
         fmt = "timm" if spec.checkpoint_format in ("timm", "dino") else spec.checkpoint_format
     else:
         fmt = spec.checkpoint_format
-    sd, what = convert_checkpoint(raw, fmt, weights)
+    if fmt in TIMM_FILTERED:  # timm's own conversion first, then the same strict check
+        sd, what = filter_with_timm(raw, vit, weights, pos_embed_interpolation)
+    else:
+        sd, what = convert_checkpoint(raw, fmt, weights)
     load_into_vit(vit, sd, weights, keep_model_pos_embed=spec.sincos_pos_embed, pos_embed_mode=pos_embed_interpolation)
     log.info("loaded %s from %s", what, weights)
     return vit, spec
@@ -73,13 +76,43 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
                 gate_temperature: float = 1.0) -> PromptedViT:
     """A frozen ViT (timm) with one transfer method and a linear head.
 
-    backbone: a registered name (``gapt.model.BACKBONES``) or any timm ViT name;
-    weights: a checkpoint path (MAE, MoCo v3, DINO, timm/safetensors), ``"timm"`` for hub
-    weights, or None for a random backbone (warned);
+    backbone: a registered name (``gapt.model.BACKBONES``, see ``gapt backbones``), a
+        :class:`BackboneSpec`, or any timm ViT name.
+    method: ``linear`` (head only), ``full`` (every backbone weight trained too),
+        ``vpt-shallow`` (prompts enter at block 1 and flow through every block),
+        ``vpt-deep`` (fresh prompts at every block), ``vpt-at-block`` (prompts enter at
+        ``insert_at_block``), ``gated`` (GaPT: vpt-shallow whose prompt update after block l is
+        mixed by a learned gate g_l = sigmoid(gamma_l), one per block but the last).
+    num_prompts: prompt tokens (prompt methods; ignored by linear/full).
+    num_classes: outputs of the linear head (fresh: Kaiming-normal weight, bias -log(99)).
+    gate_init: gated only: every gamma_l starts at ``-gate_init``, so gates start at
+        sigmoid(-gate_init) (5 -> 0.0067, 10 -> 4.5e-5): prompts first pass blocks almost unchanged.
+    learn_temperature: also learn one attention temperature per block (AAS), starting at 1 and
+        clamped to [0.01, 10]; prompt methods only.
+    insert_at_block: vpt-at-block only (1-based, 1..depth); every other method needs 1.
+    weights: a checkpoint path (MAE, MoCo v3, DINO, timm state dict / safetensors; a classifier
+        head in it is dropped), ``"timm"`` for hub weights, or None for a random backbone (warned).
+    image_size: input side in pixels (default: the backbone's); a multiple of the patch size.
+        The position embedding of the weights is interpolated to the new grid.
+    prompt_dropout: dropout on prompt tokens while training.
+    pooling: how tokens become the head's input, after the final LayerNorm: ``cls`` (the CLS
+        token), ``mean`` (mean of every token but CLS/registers, prompts included: MAE's rule),
+        ``img`` (mean of the patch tokens only), ``prompt`` (mean of the prompt tokens; prompt
+        methods only). None = the backbone's pretraining rule (MAE: mean; MoCo v3, DINO,
+        supervised: cls).
+    class_names: stored with the model (tuned file metadata, ``gapt predict`` output).
+    random_seed: only with ``weights=None``: the random backbone is drawn from this seed,
+        without touching the global RNG, so the same seed rebuilds the same backbone.
+        Prompts and the head are still drawn from the global RNG. This is why
+        ``load_model(f, weights=None)`` gives other logits than the model saved in ``f``: a
+        tuned file holds only the tuned tensors, not the frozen backbone, so a random backbone
+        is redrawn; pass the run's ``random_seed`` (``train.seed``) to get the same one back,
+        or the checkpoint path the run used as ``weights``.
     pos_embed_interpolation: bicubic (timm, classification) or bilinear (SETR, segmentation),
-    for the checkpoint's position embedding and for inputs of another patch grid.
+        for the checkpoint's position embedding and for inputs of another patch grid.
     gate_type: ``soft`` (g = sigmoid(gamma)) or ``hard`` (0/1 gates: Gumbel-Sigmoid with temperature
-    ``gate_temperature`` and straight-through in training, 1[gamma > 0] in evaluation; SPEC §9).
+        ``gate_temperature`` and straight-through in training, 1[gamma > 0] in evaluation; SPEC §9).
+    gate_temperature: the Gumbel-Sigmoid temperature of hard gates (default 1.0).
     """
     vit, spec = build_backbone(backbone, weights, image_size, random_seed, pos_embed_interpolation)
     return PromptedViT(vit, method=method, num_prompts=num_prompts, num_classes=num_classes,
@@ -91,7 +124,13 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
 
 
 def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Optional[int] = None) -> PromptedViT:
-    """Rebuild a model from a gapt tuned file's metadata, then load its tuned tensors."""
+    """Rebuild a model from a gapt tuned file's metadata, then load its tuned tensors.
+
+    The tuned file holds prompts, gates, temperatures and the head, not the frozen backbone:
+    ``weights`` must be the checkpoint the model was trained from. With ``weights=None`` the
+    backbone is random, and only the same ``random_seed`` as in training (``train.seed``)
+    rebuilds the backbone the model was trained on (see :func:`build_model`).
+    """
     from .tuned import read_tuned_metadata
     meta = read_tuned_metadata(tuned_path)
     with warnings.catch_warnings():

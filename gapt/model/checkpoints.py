@@ -85,6 +85,38 @@ def convert_checkpoint(raw: Dict, fmt: str, path: str = "<checkpoint>") -> Tuple
     raise CheckpointError(f"unknown checkpoint format '{fmt}'")
 
 
+TIMM_FILTERED = ("timm", "dinov2", "ijepa", "dinov3")  # formats read by timm's own checkpoint_filter_fn
+
+
+def filter_with_timm(raw: Dict, vit: torch.nn.Module, path: str = "<checkpoint>",
+                     pos_embed_mode: str = "bicubic") -> Tuple[Dict[str, torch.Tensor], str]:
+    """timm's ``checkpoint_filter_fn`` for the model's class (VisionTransformer, Eva): the official
+    DINOv2 (``mask_token``, ``register_tokens``, 518-px position embedding), I-JEPA (``encoder`` with
+    ``module.`` keys), DINOv3 (``storage_tokens``, ``ls1.gamma``, masked qkv bias) and CLIP layouts
+    become the model's own keys, the position embedding resized to the model's grid. The strict
+    key check (``load_into_vit``) follows. ``pos_embed_mode``: bicubic is timm's own resize (antialiased,
+    as timm loads the file); bilinear is MMSegmentation's (no antialiasing)."""
+    import sys
+    module = sys.modules[type(vit).__module__]
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    if fn is None:
+        raise CheckpointError(f"timm has no checkpoint_filter_fn for {type(vit).__name__}; cannot read {path}")
+    if "encoder" not in raw and not any(k in raw for k in ("model", "state_dict", "model_ema", "module")):
+        raw, _ = convert_checkpoint(raw, "timm", path)  # DINO-style wrappers and backbone. prefixes
+    import contextlib
+    import io
+    printed = io.StringIO()  # timm prints a line per skipped DINOv3 qkv bias; keep it out of the run's output
+    try:
+        with contextlib.redirect_stdout(printed):
+            sd = fn(dict(raw), vit, interpolation=pos_embed_mode, antialias=pos_embed_mode == "bicubic")
+    except Exception as e:  # noqa: BLE001 - a layout timm does not know: name the file
+        raise CheckpointError(f"{path}: timm's checkpoint_filter_fn for {type(vit).__name__} cannot read it: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if printed.getvalue():
+        log.debug("timm's checkpoint_filter_fn: %s", printed.getvalue().strip())
+    return _tensors_only(dict(sd), path), f"checkpoint converted by timm's {module.__name__}.checkpoint_filter_fn"
+
+
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], num_prefix: int = 1,
                      mode: str = "bicubic", old_grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Interpolation (``mode``: bicubic as timm, bilinear as MMSegmentation's SETR; half-pixel
@@ -102,6 +134,21 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], num_pre
     return torch.cat([prefix, grid], dim=1)
 
 
+CLASSIFIER_PREFIXES = ("head.", "fc_norm.")
+
+
+def drop_classifier_head(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor],
+                         path: str = "<checkpoint>") -> Dict[str, torch.Tensor]:
+    """A copy of ``sd`` without the checkpoint's classifier (``head.*``, and ``fc_norm.*`` where the
+    model has none): gapt always puts its own head on the backbone, so a plain timm state_dict()
+    loads. One log line names what was dropped; any other unexpected key stays an error."""
+    dropped = sorted(k for k in sd if k.startswith(CLASSIFIER_PREFIXES) and k not in own)
+    if dropped:
+        log.info("dropped the checkpoint's classifier head (%s) from %s; gapt trains its own head",
+                 ", ".join(dropped), path)
+    return {k: v for k, v in sd.items() if k not in dropped}
+
+
 def load_into_vit(vit: torch.nn.Module, sd: Dict[str, torch.Tensor], path: str = "<checkpoint>",
                   keep_model_pos_embed: bool = False, pos_embed_mode: str = "bicubic") -> None:
     """Strictly load ``sd`` into ``vit``: every mismatch is listed in one error.
@@ -110,8 +157,8 @@ def load_into_vit(vit: torch.nn.Module, sd: Dict[str, torch.Tensor], path: str =
     rebuilt for the model's grid) wins over an interpolated copy of the checkpoint's.
     ``pos_embed_mode``: how a checkpoint's position embedding is resized to the model's grid.
     """
-    sd = dict(sd)
     own = vit.state_dict()
+    sd = drop_classifier_head(sd, own, path)
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         if keep_model_pos_embed:
             sd["pos_embed"] = own["pos_embed"]

@@ -7,6 +7,8 @@ Token sequence: [CLS (+ registers), p_1..p_Np, z_1..z_N]; prompts carry no posit
   gated         Z_P^l = g_l * block_l(Z)_P + (1 - g_l) * Z_P^{l-1},  g_l = sigmoid(gamma_l), l < L
   hard gates    g_l in {0, 1}: Gumbel-Sigmoid + straight-through in training, 1[gamma_l > 0] in eval (SPEC §9)
   temperature   block l's attention is softmax(Q K^T d^-0.5 / tau_l); tau clamped to [0.01, 10]
+  RoPE (Eva, e.g. DINOv3)  rotary position on the patch tokens only: CLS, registers and prompts
+                are prefix tokens without position, wherever the prompts enter
 See SPEC §1-3. The backbone's own modules and weights are reused, never copied.
 """
 from __future__ import annotations
@@ -21,18 +23,38 @@ from torch.utils.checkpoint import checkpoint
 
 METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
 PROMPT_METHODS = ("vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
-POOLINGS = ("mean", "cls", "img", "prompt")
+POOLINGS = ("mean", "cls", "img", "prompt", "mean_normed")
 GATE_TYPES = ("soft", "hard")
 TEMPERATURE_RANGE = (0.01, 10.0)
 
 
-def attention(attn: nn.Module, x: torch.Tensor, temperature: Optional[torch.Tensor] = None,
-              return_probs: bool = False):
-    """timm Attention with a softmax temperature: scaling Q by 1/tau keeps the fused kernel."""
+def _qkv(attn: nn.Module, x: torch.Tensor):
+    """q, k, v (B, heads, N, head_dim) of a timm ViT Attention or EvaAttention (fused or separate)."""
     B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    if getattr(attn, "qkv", None) is None:  # Eva with separate projections
+        return [p(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    if getattr(attn, "q_bias", None) is not None:  # Eva: q and v biases, the k bias fixed at zero
+        qkv = F.linear(x, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+    else:
+        qkv = attn.qkv(x)
+    return qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def attention(attn: nn.Module, x: torch.Tensor, temperature: Optional[torch.Tensor] = None,
+              return_probs: bool = False, rope: Optional[torch.Tensor] = None):
+    """timm Attention with a softmax temperature: scaling Q by 1/tau keeps the fused kernel.
+
+    ``rope`` (Eva): the rotary embedding of the patch grid, applied to the last ``len(rope)``
+    tokens (the patches) only, never to the prefix tokens (CLS, registers, prompts).
+    """
+    B, N, _ = x.shape
+    q, k, v = _qkv(attn, x)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        from timm.layers import apply_rot_embed_cat
+        n, half = rope.shape[-2], getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :N - n], apply_rot_embed_cat(q[:, :, N - n:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :N - n], apply_rot_embed_cat(k[:, :, N - n:], rope, half=half)], dim=2).type_as(v)
     if temperature is not None:
         q = q / temperature.to(q.dtype)
     probs = None
@@ -49,11 +71,23 @@ def attention(attn: nn.Module, x: torch.Tensor, temperature: Optional[torch.Tens
     return (out, probs) if return_probs else out
 
 
-def block_forward(blk: nn.Module, x: torch.Tensor, temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if temperature is None:
+def layer_scale(blk: nn.Module, i: int, y: torch.Tensor) -> torch.Tensor:
+    """LayerScale of branch ``i``: ViT's ``ls1``/``ls2`` modules or Eva's ``gamma_1``/``gamma_2`` (or none)."""
+    ls = getattr(blk, f"ls{i}", None)
+    if ls is not None:
+        return ls(y)
+    gamma = getattr(blk, f"gamma_{i}", None)
+    return y if gamma is None else gamma * y
+
+
+def block_forward(blk: nn.Module, x: torch.Tensor, temperature: Optional[torch.Tensor] = None,
+                  rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if temperature is None and rope is None:
         return blk(x)  # timm's own (fused) path
-    x = x + blk.drop_path1(blk.ls1(attention(blk.attn, blk.norm1(x), temperature)))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    if temperature is None and x.shape[1] - rope.shape[-2] == blk.attn.num_prefix_tokens:
+        return blk(x, rope=rope)  # Eva without prompts: timm's own path
+    x = x + blk.drop_path1(layer_scale(blk, 1, attention(blk.attn, blk.norm1(x), temperature, rope=rope)))
+    return x + blk.drop_path2(layer_scale(blk, 2, blk.mlp(blk.norm2(x))))
 
 
 def mix_prompts(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, start: int, count: int) -> torch.Tensor:
@@ -86,6 +120,19 @@ def prompt_init_bound(patch_size: Sequence[int], embed_dim: int) -> float:
     return math.sqrt(6.0 / float(3 * patch_size[0] * patch_size[1] + embed_dim))
 
 
+def check_backbone_blocks(vit: nn.Module) -> None:
+    """Eva backbones: the pre-norm EvaBlock with EvaAttention and one RoPE for every block is what
+    the prompted forward implements; other variants are named in an error, not run wrongly."""
+    if type(vit).__name__ != "Eva":
+        return
+    if getattr(vit, "rope_mixed", False):
+        raise ValueError("Eva backbones with per-block (mixed) RoPE are not supported for prompting")
+    for blk in vit.blocks:
+        if type(blk).__name__ != "EvaBlock" or type(blk.attn).__name__ != "EvaAttention":
+            raise ValueError(f"Eva backbone with {type(blk).__name__}/{type(blk.attn).__name__} blocks is not "
+                             "supported for prompting (EvaBlock with EvaAttention is)")
+
+
 class PromptedViT(nn.Module):
     """A frozen timm VisionTransformer + one transfer method + a linear head."""
 
@@ -100,6 +147,7 @@ class PromptedViT(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling '{pooling}'; valid: {list(POOLINGS)}")
         depth = len(vit.blocks)
+        check_backbone_blocks(vit)
         if method == "vpt-at-block":
             if not 1 <= insert_at_block <= depth:
                 raise ValueError(f"insert_at_block={insert_at_block} is outside the backbone's blocks 1..{depth}")
@@ -208,12 +256,31 @@ class PromptedViT(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         vit = self.backbone
         x = vit.patch_embed(images)
+        if getattr(vit, "rope", None) is not None and x.ndim == 4:  # Eva: the patch grid its RoPE needs
+            self._rope_grid = tuple(x.shape[1:3])
         if self.pos_embed_interpolation != "bicubic" and x.ndim == 4 and vit.pos_embed is not None:
             from .posembed import add_pos_embed
             x = add_pos_embed(vit, x, self.pos_embed_interpolation)
         else:
             x = vit._pos_embed(x)
+        if isinstance(x, tuple):  # Eva: (tokens, rotary embedding); run_blocks rebuilds the latter
+            return vit.norm_pre(x[0])
         return vit.norm_pre(vit.patch_drop(x))
+
+    def rope(self, num_patches: int) -> Optional[torch.Tensor]:
+        """The backbone's rotary embedding for ``num_patches`` patch tokens, or None for a backbone without
+        RoPE. The grid: that of the last ``embed`` call, else the model's own, else a square."""
+        rope = getattr(self.backbone, "rope", None)
+        if rope is None:
+            return None
+        gh, gw = getattr(self, "_rope_grid", None) or self.backbone.patch_embed.grid_size  # embed's last grid
+        if gh * gw != num_patches:
+            gh, gw = self.backbone.patch_embed.grid_size
+        if gh * gw != num_patches:
+            gh = gw = math.isqrt(num_patches)
+            if gh * gw != num_patches:
+                raise ValueError(f"{num_patches} patch tokens are not a square grid")
+        return rope.get_embed(shape=[gh, gw])
 
     def _prompts(self, block_index: int, batch: int) -> Optional[torch.Tensor]:
         """Prompts inserted at the input of block ``block_index`` (0-based), or None."""
@@ -233,6 +300,8 @@ class PromptedViT(nn.Module):
         pre, n_p = self.backbone.num_prefix_tokens, self.num_prompts
         collect, collected = set(collect), {}
         gates = self.gate_values()  # once per forward: one noise draw per step for hard gates
+        # prompts are absent at ``start`` (they enter at block >= 1, never inside a cached prefix)
+        rope = self.rope(x.shape[1] - pre)
         for i in range(start, self.depth):
             blk = self.backbone.blocks[i]
             prompts = self._prompts(i, x.shape[0])
@@ -244,11 +313,11 @@ class PromptedViT(nn.Module):
             x_in = x
             tau = self.temperature[i] if self.temperature is not None else None
             if attention_maps is not None:
-                x = self._block_with_probs(blk, x, tau, attention_maps)
+                x = self._block_with_probs(blk, x, tau, attention_maps, rope)
             elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block_forward, blk, x, tau, use_reentrant=False)
+                x = checkpoint(block_forward, blk, x, tau, rope, use_reentrant=False)
             else:
-                x = block_forward(blk, x, tau)
+                x = block_forward(blk, x, tau, rope)
             if gated:
                 x = mix_prompts(x, x_in, gates[i], pre, n_p)
             if i + 1 in collect:
@@ -256,11 +325,11 @@ class PromptedViT(nn.Module):
         return x, collected
 
     @staticmethod
-    def _block_with_probs(blk, x, tau, sink: list) -> torch.Tensor:
-        out, probs = attention(blk.attn, blk.norm1(x), tau, return_probs=True)
+    def _block_with_probs(blk, x, tau, sink: list, rope=None) -> torch.Tensor:
+        out, probs = attention(blk.attn, blk.norm1(x), tau, return_probs=True, rope=rope)
         sink.append(probs.detach())
-        x = x + blk.ls1(out)
-        return x + blk.ls2(blk.mlp(blk.norm2(x)))
+        x = x + layer_scale(blk, 1, out)
+        return x + layer_scale(blk, 2, blk.mlp(blk.norm2(x)))
 
     def forward_tokens(self, images: torch.Tensor, collect: Iterable[int] = ()):
         """(final tokens (B, S, D), {block: tokens}) before the final norm; for segmentation."""
@@ -273,6 +342,8 @@ class PromptedViT(nn.Module):
             return norm(x)[:, 0]
         if self.pooling == "mean":  # every token but CLS/registers, prompts included (MAE)
             return norm(x[:, pre:].mean(dim=1))
+        if self.pooling == "mean_normed":  # the same tokens, normalised before the mean (I-JEPA, timm's avg)
+            return norm(x[:, pre:]).mean(dim=1)
         if self.pooling == "img":
             return norm(x[:, pre + n_p:].mean(dim=1))
         return norm(x[:, pre:pre + n_p].mean(dim=1))
@@ -301,8 +372,9 @@ class PromptedViT(nn.Module):
         if self.method == "linear":
             return self.forward_features(images)
         x = self.embed(images)
+        rope = self.rope(x.shape[1] - self.backbone.num_prefix_tokens)
         for i in range(self.frozen_prefix_blocks):
-            x = self.backbone.blocks[i](x)
+            x = block_forward(self.backbone.blocks[i], x, None, rope)
         return x
 
     def forward_from_prefix(self, prefix: torch.Tensor) -> torch.Tensor:

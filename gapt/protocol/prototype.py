@@ -153,10 +153,12 @@ def _block_inputs(model, images: torch.Tensor, blocks: List[int], device, batch_
     wanted = sorted(set(blocks))
     states = [model.embed(images[i:i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)]
     current = 1
+    from ..model.prompted import block_forward
+    rope = model.rope(states[0].shape[1] - model.backbone.num_prefix_tokens) if states else None  # Eva: RoPE
     for block in wanted:
         while current < block:  # advance every batch through block `current`
             blk = model.backbone.blocks[current - 1]
-            states = [blk(s) for s in states]
+            states = [block_forward(blk, s, None, rope) for s in states]
             current += 1
         yield block, torch.cat([_patch_tokens(model, s) for s in states]).flatten(0, 1)
 

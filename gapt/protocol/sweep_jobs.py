@@ -135,7 +135,7 @@ def run_numbers(folder: Path, finished: bool = True) -> Dict[str, Any]:
                 continue
             if "val_top1" in rec:
                 vals.append(rec["val_top1"])
-            epochs = max(epochs, int(rec.get("epoch", -1)) + 1)
+            epochs = max(epochs, int(rec.get("epoch", 0)))  # epochs count from 1 in metrics.jsonl
     return {"val_top1": max(vals) if vals else None, "test_top1": None, "epochs_run": epochs}
 
 

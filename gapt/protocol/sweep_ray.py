@@ -44,7 +44,7 @@ def _held_back_epochs(cfg: C.RunConfig) -> int:
 
 
 def _report_line(rec: Dict[str, Any]) -> Dict[str, Any]:
-    out = {"epoch": int(rec["epoch"]) + 1}
+    out = {"epoch": int(rec["epoch"])}  # 1-based in metrics.jsonl, as ASHA's time attribute wants
     for k, v in rec.items():
         if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = v
@@ -94,13 +94,13 @@ def gapt_trainable(config: Dict[str, Any], specs: Dict[str, Dict[str, Any]]) -> 
 
     worker = threading.Thread(target=run, name="gapt-train", daemon=True)
     worker.start()
-    reported = -1
-    last_epoch = cfg.train.epochs - 1
+    reported = 0
+    last_epoch = cfg.train.epochs  # metrics.jsonl numbers epochs from 1
     held: Optional[Dict[str, Any]] = None
     while True:
         alive = worker.is_alive()
         for rec in _read_metrics(folder):
-            if rec.get("epoch", -1) <= reported or "val_top1" not in rec:
+            if rec.get("epoch", 0) <= reported or "val_top1" not in rec:
                 continue
             reported = rec["epoch"]
             if rec["epoch"] >= last_epoch:

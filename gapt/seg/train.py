@@ -38,11 +38,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .. import config as C
 from ..engine import distributed as dist
 from ..engine import runfolder as rf
+from ..engine import tracking
 from ..engine.precision import precision_record, precision_scope
 from ..engine.progress import Progress
 from ..model.tuned import SEG_FORMAT
-from ..engine.trainer import (TrainingDiverged, autocast_dtype, resolve_device, rng_state, seed_everything,
-                              set_rng_state)
+from ..engine.trainer import (TrainingDiverged, autocast_dtype, check_model_config, resolve_device, rng_state,
+                              seed_everything, set_rng_state)
 from .data import SegDataset, build_ade20k, build_folder_seg
 from .head import SegmentationModel, seg_loss
 from .transforms import SegEvalPipeline, SegTrainPipeline
@@ -380,6 +381,7 @@ def train_seg(cfg: C.RunConfig, resume: bool = False, multi_scale: bool = False,
     would (``{"stopped_after": it}``).
     """
     check_seg_config(cfg)
+    check_model_config(cfg, size_key="crop_size")
     device = resolve_device(cfg)
     with dist.process_group(device.type), precision_scope(cfg.train.precision, device):  # fp32: TF32 off
         return _train_seg(cfg, device, resume, multi_scale, log_every, save_every, stop_after)
@@ -404,6 +406,7 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
             rf.atomic_write_text(out / rf.METRICS, "")
             rf.atomic_write_text(out / rf.CONFIG, C.to_yaml(cfg))
     dtype = autocast_dtype(cfg, device)
+    tracking.resolve_logger(t.logger)  # a missing package fails before any work
 
     train_set = seg_dataset(cfg, "train", SegTrainPipeline(cfg.crop_size, scale=train_scale(cfg.crop_size)), t.seed)
     val_set = seg_dataset(cfg, "val", eval_pipeline(cfg.crop_size), t.seed)
@@ -448,6 +451,8 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
     log_every, save_every = log_every or LOG_EVERY, save_every or SAVE_EVERY
     if log_every < 1 or save_every < 1:
         raise ValueError(f"log_every and save_every must be >= 1, got {log_every} and {save_every}")
+    tracker = tracking.open_tracker(t.logger, out, start_step=iteration, resume=resume, config=C.to_dict(cfg),
+                                    config_text=C.to_yaml(cfg), enabled=dist.is_main())
 
     def save_resume() -> None:
         if dist.is_main():
@@ -503,7 +508,7 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
             evaluate_now = iteration == t.iterations or (eval_every > 0 and iteration % eval_every == 0)
             if evaluate_now or iteration % log_every == 0:
                 loss_sum, iters = dist.all_sum([pending["loss_sum"], pending["iters"]], device)
-                record = {"iteration": iteration, "epoch": epoch, "loss": loss_sum / max(iters, 1), "lr": lr,
+                record = {"iteration": iteration, "epoch": epoch + 1, "loss": loss_sum / max(iters, 1), "lr": lr,
                           "images_per_s": pending["images"] / max(pending["time"], 1e-9)}
                 pending = {"loss_sum": 0.0, "images": 0, "iters": 0, "time": 0.0}
                 if evaluate_now:
@@ -512,6 +517,7 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
                     model.train()
                 if dist.is_main():
                     rf.append_metrics(out, record)
+                    tracker.log_record(record, iteration, model.encoder)
                     log.info("iteration %d/%d loss %.4f lr %.3g%s", iteration, t.iterations, record["loss"], lr,
                              f" mIoU {_pct(last_eval.miou)}" if evaluate_now else "")
             if evaluate_now or iteration % save_every == 0 or iteration == stop_after:
@@ -519,6 +525,7 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
                 dist.barrier()
             if iteration == stop_after and iteration < t.iterations:
                 bar.close()
+                tracker.close()
                 return {"stopped_after": iteration}
             if iteration >= t.iterations:
                 break
@@ -536,8 +543,10 @@ def _train_seg(cfg: C.RunConfig, device: torch.device, resume: bool, multi_scale
         save_seg_tuned(out / rf.TUNED, cfg, model, extra={"data": info, "iteration": iteration})
         write_eval_file(out, "val", last_eval, ms, {"iteration": iteration})
         rf.write_json(out / rf.RESULTS, results)
+        tracker.log_results(result_metrics, iteration)
         log.info("done: val mIoU %s%s -> %s", _pct(last_eval.miou),
                  f" (multi-scale {_pct(ms.miou)})" if ms is not None else "", out)
+    tracker.close()
     dist.barrier()
     return results
 
