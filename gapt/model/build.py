@@ -49,6 +49,10 @@ def _build_backbone(spec: BackboneSpec, weights: Optional[str], image_size: Opti
     if weights is None:
         warnings.warn(f"backbone '{spec.name}' built with random weights (weights=None)", stacklevel=3)
         return vit, spec
+    if spec.checkpoint_format == "google_npz" or str(weights).endswith(".npz"):
+        from .google_npz import load_google_npz
+        log.info("loaded %s from %s", load_google_npz(vit, weights, spec, pos_embed_interpolation), weights)
+        return vit, spec
     raw = read_tensor_file(weights)
     if weights.endswith(".safetensors") or spec.checkpoint_format == "timm":
         fmt = "timm" if spec.checkpoint_format in ("timm", "dino") else spec.checkpoint_format

@@ -53,6 +53,9 @@ class Job:
     resume: bool = False
     started: float = 0.0
     runner: str = ""                  # "module:function" that trains cfg; "" = the classification trainer
+    # Not a training run: "module:function" called as function(folder, resume=...) (e.g. a DIP
+    # reconstruction); done when it has written results.json into its folder.
+    target: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -190,6 +193,15 @@ def localize_device(cfg: C.RunConfig, gpu_assigned: bool) -> C.RunConfig:
     if gpu_assigned and cfg.device.startswith("cuda:"):
         return dataclasses.replace(cfg, device="cuda")
     return cfg
+
+
+def call_target(target: str, folder: Path, resume: bool) -> None:
+    """Run a non-training job: ``module:function`` called as ``function(folder, resume=resume)``."""
+    module, _, name = target.partition(":")
+    fn = getattr(importlib.import_module(module), name, None)
+    if fn is None:
+        raise SweepError(f"job target {target!r}: no function {name!r} in module {module}")
+    fn(Path(folder), resume=resume)
 
 
 def load_preload(items: Sequence[str]) -> None:

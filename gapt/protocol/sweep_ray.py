@@ -32,7 +32,7 @@ except ImportError as e:  # the message gapt sweep shows
 from .. import config as C
 from ..engine.runfolder import METRICS, RESULTS
 from .sweep_executors import OnEnd, OnStart
-from .sweep_jobs import (ERROR_FILE, STOPPED_FILE, TRIAL_CONFIG, WORKER_LOG, Job, _write_json, format_error,
+from .sweep_jobs import (ERROR_FILE, STOPPED_FILE, TRIAL_CONFIG, WORKER_LOG, Job, _write_json, call_target, format_error,
                          load_preload, localize_device, read_error, run_numbers, write_error)
 
 log = logging.getLogger("gapt.sweep")
@@ -69,6 +69,13 @@ def gapt_trainable(config: Dict[str, Any], specs: Dict[str, Dict[str, Any]]) -> 
         gpu = resources.get("GPU", 0) > 0
         if not gpu:
             torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+        if spec.get("target"):  # not a training run: no per-epoch metrics to report
+            try:
+                call_target(spec["target"], folder, spec["resume"])
+            finally:
+                handler.close()
+                gapt_log.removeHandler(handler)
+            return
         cfg = C.load_config(str(folder / TRIAL_CONFIG))
         cfg = localize_device(dataclasses.replace(cfg, out=str(folder)), gpu)
     except Exception as e:
@@ -211,7 +218,7 @@ class RayExecutor:
     def _run(self, jobs: List[Job], on_start: OnStart, on_end: OnEnd, early_stop: bool) -> None:
         by_name = {j.name: j for j in jobs}
         specs = {j.name: {"folder": str(j.folder.resolve()), "resume": j.resume, "cwd": os.getcwd(),
-                          "preload": self.preload} for j in jobs}
+                          "preload": self.preload, "target": j.target} for j in jobs}
         ended: set = set()
 
         def start(trial) -> None:
