@@ -42,6 +42,7 @@ class DataConfig:
     skip_bad_images: bool = False
     num_workers: int = 2
     num_samples: int = 0            # generated datasets (shapes): images per split; 0 = default
+    num_classes: int = 0            # 0 = from the labels; N: classes 0..N-1, a label outside is an error
 
 
 @dataclass
@@ -99,6 +100,63 @@ CHOICES = {
 }
 
 
+# One line per key for `gapt keys`. Keys missing here are described by their comment in the
+# dataclasses above (read from this file's source), so a new key with a comment is covered.
+KEY_HELP = {
+    "backbone": "registered backbone name (see `gapt backbones`) or any timm ViT name",
+    "weights": "backbone checkpoint file (MAE, MoCo v3, DINO, timm .pth/.safetensors), 'timm' for hub "
+               "weights, or null for a random backbone",
+    "method": "linear (head only) | full (fine-tune all) | vpt-shallow | vpt-deep | vpt-at-block | gated (GaPT)",
+    "num_prompts": "prompt tokens (prompt methods only)",
+    "gate_init": "gates start at sigmoid(-gate_init): 10 means 4.5e-5, i.e. prompts start as plain VPT-shallow",
+    "learn_temperature": "also learn one attention temperature per block (AAS), clamped to [0.01, 10]",
+    "insert_at_block": "vpt-at-block: prompts enter at this block (1-based); other methods need 1",
+    "prompt_dropout": "dropout on the prompt tokens, in [0, 1)",
+    "pooling": "'' = the backbone's rule; mean (all tokens but CLS, prompts included; MAE) | cls | "
+               "img (patch tokens only) | prompt (prompt tokens only)",
+    "image_size": "input side in pixels; must be a multiple of the backbone's patch size",
+    "data.val_split": "val split name ('' = the format's default)",
+    "data.test_split": "test split name ('' = the format's default)",
+    "data.csv_val": "csv: val 'path,label' file (relative to root); '' = carve data.val_fraction from train",
+    "data.csv_test": "csv: test 'path,label' file (relative to root)",
+    "data.skip_bad_images": "drop unreadable images (reported) instead of stopping",
+    "data.num_workers": "data-loading worker processes",
+    "train.epochs": "training epochs (numbered 1..epochs in logs and files)",
+    "train.warmup_epochs": "linear learning-rate warm-up epochs before the cosine decay; auto = round(epochs / 10), "
+                           "half up",
+    "train.batch_size": "images per step, over all processes",
+    "train.lr": "base learning rate (SPEC §6 sweeps it)",
+    "train.weight_decay": "weight decay",
+    "train.momentum": "SGD momentum",
+    "train.seed": "seed of data order, augmentation, carve-outs, prompts and a random backbone",
+    "train.compile": "torch.compile the training forward",
+    "train.grad_checkpointing": "recompute block activations in the backward pass (less memory, slower)",
+    "train.poly_power": "segmentation: poly learning-rate decay power",
+    "train.min_lr": "segmentation: the learning rate the poly decay ends at",
+    "out": "run folder (config.yaml, metrics.jsonl, results.json, tuned.safetensors, last.pt)",
+}
+
+
+def _comment_help() -> dict:
+    """``{key: comment}`` from the ``name: type = default  # comment`` lines of the dataclasses above."""
+    import inspect
+    import re
+    out = {}
+    for cls, prefix in ((MethodSettings, ""), (RunConfig, ""), (DataConfig, "data."), (TrainConfig, "train.")):
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):  # no source shipped: descriptions come from KEY_HELP only
+            continue
+        for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]*#\s*(.+)$", source, re.M):
+            out[prefix + m.group(1)] = m.group(2).strip()
+    return out
+
+
+def key_help(key: str) -> str:
+    """One line describing ``key`` (empty if neither KEY_HELP nor a comment has one)."""
+    return KEY_HELP.get(key) or _comment_help().get(key, "")
+
+
 def all_keys(cls=RunConfig, prefix: str = "") -> List[str]:
     keys = []
     for f in fields(cls):
@@ -117,13 +175,20 @@ def _suggest(key: str, keys: List[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def config_file_hint(word: str) -> str:
+    """" (a config file? use --config WORD)" when a bare word names a YAML file or a preset."""
+    looks_like_file = word.endswith((".yaml", ".yml")) or Path(word).is_file() or \
+        (PRESETS_DIR / f"{word}.yaml").is_file()
+    return f"; to read a config file use --config {word}" if looks_like_file else ""
+
+
 def parse_overrides(overrides: List[str]) -> dict:
     """``["train.lr=0.5", "method=gated"]`` -> nested dict, values parsed as YAML scalars."""
     keys = all_keys()
     out: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not KEY=VALUE")
+            raise ConfigError(f"override '{item}' is not KEY=VALUE{config_file_hint(item)}")
         key, value = item.split("=", 1)
         key = key.strip()
         if key not in keys:
@@ -153,6 +218,39 @@ def _check_unknown(d: Any, cls=RunConfig, prefix: str = "", source: str = "") ->
             _check_unknown(v, type(default), full + ".", source)
 
 
+def _yaml_loader():
+    """OmegaConf's own safe YAML loader (it reads 1e-4 as a float, as OmegaConf.load does)."""
+    try:
+        from omegaconf._utils import get_yaml_loader
+        return get_yaml_loader()
+    except ImportError:  # a future omegaconf without it
+        return yaml.SafeLoader
+
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(path: str) -> Path:
+    """A YAML file, or a packaged preset by name (``fgvc/mae_vitb16/cub``), from any folder."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (PRESETS_DIR / path, PRESETS_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = list_presets()
+    close = difflib.get_close_matches(str(path).removesuffix(".yaml").removeprefix("configs/"), names, n=1,
+                                      cutoff=0.6)
+    hint = f" (did you mean the preset '{close[0]}'?)" if close else \
+        " (packaged presets: `gapt presets` lists them, e.g. fgvc/mae_vitb16/cub)"
+    raise ConfigError(f"config file not found: {path}{hint}")
+
+
+def list_presets() -> List[str]:
+    """Packaged preset names, e.g. ``vtab/mae_vitb16/dtd``."""
+    return sorted(str(f.relative_to(PRESETS_DIR).with_suffix("")) for f in PRESETS_DIR.rglob("*.yaml"))
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
                 base: Optional[dict] = None) -> RunConfig:
     """Merge defaults <- ``base`` <- YAML file <- overrides; validate; return a RunConfig."""
@@ -161,13 +259,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         _check_unknown(base)
         layers.append(OmegaConf.create(base))
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        p = resolve_config_path(path)
+        path = str(p)
         try:
-            loaded = OmegaConf.to_container(OmegaConf.load(p)) or {}
+            loaded = yaml.load(p.read_text(), Loader=_yaml_loader())  # noqa: S506 - a safe loader
         except Exception as e:  # YAML syntax error
             raise ConfigError(f"cannot read config file {path}: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must be a mapping of keys (KEY: VALUE lines), "
+                              f"not a {type(loaded).__name__}")
         _check_unknown(loaded, source=str(path))
         layers.append(OmegaConf.create(loaded))
     if overrides:

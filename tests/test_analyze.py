@@ -125,10 +125,13 @@ def test_run_labels_disambiguate():
 
 # -- attention --------------------------------------------------------------------------------
 def test_attention_maps_png_npz(runs, image_file, tmp_path):
+    from gapt.protocol.analysis_attention import output_name
     out = tmp_path / "att"
     assert main(["analyze", "attention", runs["gated"], image_file, "--out", str(out)]) == 0
-    assert_png(out / "attention_scene.png")
-    z = np.load(out / "attention_scene.npz")
+    name = output_name(image_file, "mean")
+    assert_png(out / f"{name}.png")
+    z = np.load(out / f"{name}.npz")
+    z = {k.replace("run0_", "tuned_"): z[k] for k in z.files}
     grid = tuple(z["grid"])
     assert grid == (4, 4)
     for who in ("tuned", "frozen"):
@@ -148,7 +151,7 @@ def test_attention_maps_png_npz(runs, image_file, tmp_path):
 def test_frozen_attention_is_the_plain_backbone(runs, image_file, tmp_path):
     """Block 1 of the frozen row, by hand: softmax(q k^T / sqrt(d)) of the backbone, CLS row, mean of heads."""
     from gapt.data import eval_transform
-    from gapt.protocol.analyze import _load_run_for_analysis, analyze_attention
+    from gapt.protocol.analysis_attention import _load_run_for_analysis, analyze_attention
     res = analyze_attention(runs["gated"], image_file, tmp_path / "att1", head=1)
     cfg, model, results = _load_run_for_analysis(runs["gated"])
     x = eval_transform(results["data"], cfg.image_size)(Image.open(image_file).convert("RGB"))[None]
@@ -159,25 +162,74 @@ def test_frozen_attention_is_the_plain_backbone(runs, image_file, tmp_path):
         q, k, _ = blk.attn.qkv(h).reshape(B, S, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
         probs = (q @ k.transpose(-2, -1) * (D // 2) ** -0.5).softmax(-1)[0]  # (heads, S, S)
     np.testing.assert_allclose(res["arrays"]["frozen_cls"][0], probs[1, 0, 1:].numpy(), atol=1e-5)
-    assert res["arrays"]["tuned_cls"].shape == (DEPTH, 16)
+    assert res["arrays"]["run0_cls"].shape == (DEPTH, 16)
 
 
 def test_attention_at_block_and_bad_head(runs, image_file, tmp_path, capsys):
-    from gapt.protocol.analyze import analyze_attention
+    from gapt.protocol.analysis_attention import analyze_attention
     run = runs["at3"]
     res = analyze_attention(run, image_file, tmp_path / "a")
     a = res["arrays"]
-    assert list(a["tuned_num_prompts"]) == [0, 0, 2, 2]
-    assert np.isnan(a["tuned_prompts"][:2]).all() and np.isfinite(a["tuned_prompts"][2:]).all()
-    np.testing.assert_allclose(a["tuned_cls"][:2], a["frozen_cls"][:2], atol=1e-6)  # nothing tuned before k
+    assert list(a["run0_num_prompts"]) == [0, 0, 2, 2]
+    assert np.isnan(a["run0_prompts"][:2]).all() and np.isfinite(a["run0_prompts"][2:]).all()
+    np.testing.assert_allclose(a["run0_cls"][:2], a["frozen_cls"][:2], atol=1e-6)  # nothing tuned before k
     assert_png(res["png"])
     assert main(["analyze", "attention", run, image_file, "--head", "7", "--out", str(tmp_path / "b")]) == 1
     assert "head" in capsys.readouterr().err
 
 
-# -- insertion sweep and the frozen-block cache--------------------------------------------------
+def test_attention_names_unique_per_image_path_and_head(runs, tmp_path, capsys):
+    """issue 18: cat/0.png and dog/0.png, and two --head values, must not overwrite each other."""
+    rng = np.random.default_rng(1)
+    for animal in ("cat", "dog"):
+        (tmp_path / "pics" / animal).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "pics" / animal / "0.png")
+    out = tmp_path / "out"
+    cat, dog = str(tmp_path / "pics" / "cat" / "0.png"), str(tmp_path / "pics" / "dog" / "0.png")
+    assert main(["analyze", "attention", runs["gated"], cat, "--out", str(out)]) == 0
+    assert main(["analyze", "attention", runs["gated"], dog, "--out", str(out)]) == 0
+    assert main(["analyze", "attention", runs["gated"], dog, "--head", "1", "--out", str(out)]) == 0
+    npz = sorted(out.glob("*.npz"))
+    assert len(npz) == 3 and len(list(out.glob("*.png"))) == 3
+    images = sorted((str(np.load(f)["image"]), str(np.load(f)["head"])) for f in npz)
+    assert images == sorted([(cat, "mean"), (dog, "mean"), (dog, "1")])
+    # a folder of images is expanded as predict does: one figure per image under it
+    out2 = tmp_path / "out2"
+    assert main(["analyze", "attention", runs["gated"], str(tmp_path / "pics"), "--out", str(out2)]) == 0
+    assert len(list(out2.glob("*.png"))) == 2
+    # a folder without images says it is a folder, not "image not found"
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert main(["analyze", "attention", runs["gated"], str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert "folder" in err and "empty" in err and "image not found" not in err
+
+
+def test_attention_rows_per_model_frozen_first(runs, image_file, tmp_path):
+    """Fig. 5: frozen backbone first, then each run, at the chosen blocks; JSON holds the plotted rows."""
+    from gapt.protocol.analysis_attention import output_name
+    out = tmp_path / "fig5"
+    assert main(["analyze", "attention", runs["gated"], runs["deep_temp"], image_file, "--blocks", "1,3",
+                 "--out", str(out)]) == 0
+    name = output_name(image_file, "mean")
+    assert_png(out / f"{name}.png")
+    z = np.load(out / f"{name}.npz")
+    summary = json.loads((out / f"{name}.json").read_text())
+    assert summary["blocks"] == [1, 3]
+    labels = [r["label"] for r in summary["rows"]]
+    assert labels[0].startswith("frozen test_mae_tiny") and len(labels) == 3  # one frozen row: one backbone
+    assert labels[1].startswith("gated (gated+LT)") and labels[2].startswith("deep-temp (vpt-deep+LT)")
+    for row, key in zip(summary["rows"], ("frozen", "run0", "run1")):
+        assert row["cls_to_patches"] == pytest.approx([float(z[f"{key}_cls"][b - 1].sum()) for b in (1, 3)], abs=1e-6)
+    # the gated run and vpt-deep differ from the frozen backbone and from each other
+    assert not np.allclose(z["run0_cls"], z["frozen_cls"]) and not np.allclose(z["run0_cls"], z["run1_cls"])
+    md = (out / f"{name}.md").read_text()
+    assert md.count("| 3 |") == 3
+
+
+# -- insertion sweep and the frozen-block cache------------------------------------------------
 @pytest.mark.parametrize("learn_temperature", [False, True])
-def test_cached_prefix_logits_equal_uncached(learn_temperature, images):
+def test_cached_frozen_blocks_logits_equal_uncached(learn_temperature, images):
     for k in range(1, DEPTH + 1):
         model = tiny_model(method="vpt-at-block", insert_at_block=k, learn_temperature=learn_temperature)
         assert model.frozen_leading_blocks == (0 if learn_temperature else k - 1)
@@ -205,11 +257,12 @@ def test_insertion_sweep(tmp_path, capsys):
 
     # a second sweep skips finished runs and keeps what the first one saw of the cache
     from gapt.config import load_config
-    from gapt.protocol.analyze import insertion_sweep
+    from gapt.protocol.analysis_insertion import insertion_sweep
 
-    def no_training(*a, **k):
-        raise AssertionError("a finished run was trained again")
-    again = insertion_sweep(load_config(None, SMALL_RUN + [f"out={out}"]), train_fn=no_training)
+    class NoTraining:
+        def run(self, jobs, on_start, on_end, early_stop=False):
+            assert not jobs, "a finished run was trained again"
+    again = insertion_sweep(load_config(None, SMALL_RUN + [f"out={out}"]), executor=NoTraining())
     assert [r["status"] for r in again["runs"]] == ["skipped (finished)"] * DEPTH
     assert [r["frozen_cache_blocks"] for r in again["runs"]] == [0, 1, 2, 3]
 
@@ -221,14 +274,14 @@ def test_insertion_sweep(tmp_path, capsys):
 def test_insertion_sweep_resumes_unfinished(tmp_path):
     from gapt.config import load_config
     from gapt.engine.trainer import train
-    from gapt.protocol.analyze import insertion_config, insertion_sweep
+    from gapt.protocol.analysis_insertion import insertion_config, insertion_sweep
     cfg = load_config(None, SMALL_RUN + ["train.epochs=2", f"out={tmp_path / 's'}"])
     train(insertion_config(cfg, 4), stop_after_epoch=0)  # as if killed after epoch 0
     summary = insertion_sweep(cfg, blocks=[4])
     (row,) = summary["runs"]
     assert row["status"] == "resumed" and row["frozen_cache_blocks"] == 3
     metrics = [json.loads(line) for line in (tmp_path / "s" / "insert_4" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert [m["epoch"] for m in metrics] == [1, 2]
     with pytest.raises(ValueError, match="blocks 1..4"):
         insertion_sweep(cfg, blocks=[5])
 
@@ -244,7 +297,7 @@ def test_parse_blocks():
 def test_frozen_counterpart_backbone():
     """Prompt methods share the tuned model's frozen backbone; a full fine-tune gets the pretrained one rebuilt."""
     from gapt.config import load_config
-    from gapt.protocol.analyze import _frozen_counterpart
+    from gapt.protocol.analysis_attention import _frozen_counterpart
     cfg = load_config(None, SMALL_RUN + ["method=full"])
     gated = tiny_model(method="gated")
     frozen = _frozen_counterpart(cfg, gated)
@@ -255,3 +308,25 @@ def test_frozen_counterpart_backbone():
     rebuilt = _frozen_counterpart(cfg, full)  # weights: null -> the backbone seeded by train.seed, every time
     for a, b in zip(frozen.backbone.state_dict().values(), rebuilt.backbone.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_insertion_several_backbones_on_one_plot(tmp_path, capsys):
+    """Fig. 1: one curve per backbone, each with its own weights and lr; JSON rows are the runs' results."""
+    out = tmp_path / "fig1"
+    assert main(["analyze", "insertion", "--blocks", "1,4", "--backbone", "test_mae_tiny", "--weights", "null",
+                 "--lr", "0.1", "--backbone", "test_moco_tiny", "--weights", "null", "--lr", "1.0",
+                 *SMALL_RUN, f"out={out}"]) == 0
+    assert_png(out / "insertion.png")
+    summary = json.loads((out / "insertion.json").read_text())
+    assert [c["backbone"] for c in summary["curves"]] == ["test_mae_tiny", "test_moco_tiny"]
+    for curve, lr in zip(summary["curves"], (0.1, 1.0)):
+        assert curve["lr"] == lr and [r["block"] for r in curve["runs"]] == [1, 4]
+        for r in curve["runs"]:
+            res = json.loads((out / curve["backbone"] / f"insert_{r['block']}" / "results.json").read_text())
+            assert res["backbone"] == curve["backbone"] and res["lr"] == lr and res["insert_at_block"] == r["block"]
+            assert r["test_top1"] == res["metrics"]["test_top1"]
+    assert "### test_moco_tiny (lr 1.0)" in capsys.readouterr().out
+    # --weights / --lr must pair with --backbone
+    assert main(["analyze", "insertion", "--backbone", "test_mae_tiny", "--lr", "0.1", "--lr", "0.2",
+                 *SMALL_RUN, f"out={out}"]) == 1
+    assert "--lr given 2 time(s) for 1 --backbone" in capsys.readouterr().err

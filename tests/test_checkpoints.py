@@ -240,3 +240,34 @@ def test_any_timm_vit_name_and_non_vit_error(images):
         assert model(images).shape == (3, 4)
         with pytest.raises(ValueError, match="'resnet18' is a ResNet, not a VisionTransformer"):
             build_model("resnet18")
+
+
+def test_plain_timm_state_dict_with_classifier_head_loads(tmp_path, caplog):
+    import logging
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from conftest import TINY
+    torch.manual_seed(3)
+    # what a user has: timm's own model with a 10-class head, saved as state_dict()
+    timm_vit = VisionTransformer(img_size=32, num_classes=10, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **TINY)
+    sd = timm_vit.state_dict()
+    assert {"head.weight", "head.bias"} <= set(sd)
+    encoder = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    torch.save(sd, tmp_path / "timm_vit.pth")
+    save_file({**sd, "fc_norm.weight": torch.ones(32), "fc_norm.bias": torch.zeros(32)},
+              str(tmp_path / "timm_vit.safetensors"))
+    for name in ("timm_vit.pth", "timm_vit.safetensors"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gapt"):
+            model = build_model("test_mae_tiny", method="gated", num_prompts=2, num_classes=3,
+                                weights=str(tmp_path / name))
+        assert same_backbone(model, encoder)
+        dropped = [r.getMessage() for r in caplog.records if "classifier head" in r.getMessage()]
+        assert len(dropped) == 1 and "head.weight" in dropped[0] and name in dropped[0]
+        assert ("fc_norm.weight" in dropped[0]) == name.endswith(".safetensors")
+    # any other unexpected key is still an error
+    torch.save({**sd, "head_dist.weight": torch.zeros(10, 32)}, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match="unexpected keys: head_dist.weight"):
+        build_model("test_mae_tiny", num_classes=3, weights=str(tmp_path / "extra.pth"))

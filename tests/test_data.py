@@ -542,7 +542,7 @@ def test_disk_cache_is_reused_and_invalidated(vtab_root, tmp_path, caplog):
     assert len(npy) == 3 and not list(cache_dir.glob("*.tmp*"))
     with caplog.at_level(logging.INFO, logger="gapt.data"):
         second = build_datasets(c, image_size=S)
-    assert sum("using disk cache" in r.message for r in caplog.records) == 3
+    assert sum("using the disk cache of" in r.message for r in caplog.records) == 3
     assert second.test.cache.path == first.test.cache.path
     # rewrite one test image: new content, new size/mtime -> a new key, never the stale rows
     victim = vtab_root / "dtd" / "images" / "test" / "000001.png"

@@ -23,7 +23,7 @@ def _se(top1, n):  # binomial standard error, in percent
 
 def _rule(folders):
     """The lr rule written out again: best val top-1 after the rung, then lower val loss, then smaller lr."""
-    at_rung = {lr: [r for r in _lines(f) if r["epoch"] == QUICK["rung"] - 1][0] for lr, f in folders.items()}
+    at_rung = {lr: [r for r in _lines(f) if r["epoch"] == QUICK["rung"]][0] for lr, f in folders.items()}
     best = sorted(at_rung.items(), key=lambda kv: (-kv[1]["val_top1"], kv[1]["val_loss"], kv[0]))
     return best[0][0]
 
@@ -35,9 +35,9 @@ def _check_tuned(folder, insert_at_block=1):
     for lr, f in lr_folders.items():
         epochs = [r["epoch"] for r in _lines(f)]
         if lr == chosen:
-            assert epochs == list(range(QUICK["epochs"])) and (f / "results.json").exists()
+            assert epochs == list(range(1, QUICK["epochs"] + 1)) and (f / "results.json").exists()
         else:  # stopped at the rung: same data, same first epochs, no more
-            assert epochs == list(range(QUICK["rung"])) and not (f / "results.json").exists()
+            assert epochs == list(range(1, QUICK["rung"] + 1)) and not (f / "results.json").exists()
     res = json.loads((lr_folders[chosen] / "results.json").read_text())
     assert res["lr"] == chosen and res["epochs"] == QUICK["epochs"] and res["insert_at_block"] == insert_at_block
     assert res["data"]["num_train"] == QUICK["num_train"]
@@ -95,7 +95,7 @@ def test_standard_error_and_best_marked():
     assert standard_error(50.0, 100) == pytest.approx(5.0)
     assert standard_error(90.0, 400) == pytest.approx(1.5)
     entry = lambda top1: {"test_top1": top1, "test_count": 100, "lr": 1.0, "rung_val_top1": {"1": 0.0},
-                          "best_epoch": 0, "epochs": 1, "tuned_params": 1}
+                          "best_epoch": 1, "epochs": 1, "tuned_params": 1}
     detail = {"count": {"chance": 100 / 6, "insertion": {},
                         "methods": {"linear": entry(30.0), "vpt-deep": entry(50.0)}}}
     text = format_report(detail, ["linear", "vpt-deep"], quick=True)

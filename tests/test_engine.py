@@ -54,9 +54,9 @@ def test_cli_train_eval_predict_cycle(tmp_path, capsys):
     m = results["metrics"]
     assert set(m) >= {"val_top1_best", "best_epoch", "test_top1", "test_top1_last"}
     lines = metrics_without_timing(run)
-    assert [r["epoch"] for r in lines] == [0, 1, 2]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]  # epochs count from 1 in files and logs
     assert m["val_top1_best"] == max(r["val_top1"] for r in lines)
-    assert m["best_epoch"] == [r["val_top1"] for r in lines].index(m["val_top1_best"])
+    assert m["best_epoch"] == [r["val_top1"] for r in lines].index(m["val_top1_best"]) + 1
     assert set(results["data"]) >= {"resize", "normalisation", "source"}
     # the tuned file holds only prompts, gates, temperatures and head
     assert set(load_file(run / "tuned.safetensors")) == {"prompt_embeddings", "gate_logits", "temperature",
@@ -155,7 +155,7 @@ def test_test_split_runs_once_when_the_last_epoch_is_the_best(tmp_path, monkeypa
     calls.clear()  # lr ~0: val cannot rise, so epoch 0 stays the best and the last state is another one
     two = train(load_config(None, over + ["train.epochs=2", "train.lr=1e-12", f"out={tmp_path / 'two'}"]))
     assert [c for c in calls if c.startswith("test")] == ["test (last)", "test (best val)"]
-    assert two["metrics"]["best_epoch"] == 0
+    assert two["metrics"]["best_epoch"] == 1
 
 
 def test_interrupt_says_what_is_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):
@@ -185,7 +185,7 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path):
     data = make_folder_dataset(tmp_path / "colours")
     cfg = load_config(None, [*TINY, "method=vpt-shallow", "train.epochs=2", "train.warmup_epochs=0",
                              "train.lr=1e38", "data.format=folder", f"data.root={data}", f"out={tmp_path / 'run'}"])
-    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at epoch 0 step \d+; stopped. No epoch had finished"):
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at epoch 1 step \d+; stopped. No epoch had finished"):
         train(cfg)
     assert not (tmp_path / "run" / "results.json").exists()
 
@@ -206,7 +206,7 @@ def test_lazy_loss_reads_keep_metrics_and_the_failing_step(tmp_path, monkeypatch
             train(load_config(None, diverging + [f"out={tmp_path / f'nan{interval}'}"]))
         runs.append((res["metrics"], metrics_without_timing(tmp_path / f"ok{interval}"), str(e.value).split(".")[0]))
     assert runs[0] == runs[1]
-    assert re.search(r"at epoch 0 step [1-9]\d*; stopped", runs[0][2])  # not the first step: a later one
+    assert re.search(r"at epoch 1 step [1-9]\d*; stopped", runs[0][2])  # not the first step: a later one
 
 
 def test_linear_probe_trains_on_cached_features(tmp_path, caplog):
@@ -380,8 +380,8 @@ def test_ddp_divergence_in_one_process_stops_all_at_the_same_step(tmp_path):
     out = r.stdout + r.stderr
     said = [(tmp_path / f"run.rank{rank}").read_text() if (tmp_path / f"run.rank{rank}").exists() else out[-2000:]
             for rank in (0, 1)]
-    assert said[1].startswith("diverged: loss is nan at epoch 0 step 2; stopped"), said[1]
-    assert said[0].startswith("diverged: the loss is not finite in another process at epoch 0 step 2; stopped"), said[0]
+    assert said[1].startswith("diverged: loss is nan at epoch 1 step 2; stopped"), said[1]
+    assert said[0].startswith("diverged: the loss is not finite in another process at epoch 1 step 2; stopped"), said[0]
 
 
 def test_distributed_eval_counts_each_sample_once(tmp_path):

@@ -173,7 +173,7 @@ def test_eval_test_every_epoch_counts_the_test_passes(tmp_path, monkeypatch):
     res = json.loads((run / "results.json").read_text())
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     tests = [d for d in descs if d.startswith("test")]
-    once_more = 1 if res["metrics"]["best_epoch"] == 2 else 2  # the end: last state (+ best-val state)
+    once_more = 1 if res["metrics"]["best_epoch"] == 3 else 2  # 3 = last epoch (1-based)
     assert len(tests) == 3 + once_more and tests.count("test") == 3
     assert [("test_top1" in r) for r in lines] == [True, True, True]
     assert lines[-1]["test_top1"] == pytest.approx(res["metrics"]["test_top1_last"])  # the same state
@@ -246,7 +246,7 @@ def test_interrupted_demo_reuses_finished_runs_and_resumes_the_interrupted_one(t
     lines = (killed / "metrics.jsonl").read_text().splitlines()
     epochs = [json.loads(x)["epoch"] for x in lines]
     # every lr's run goes to the rung; only the chosen one runs on to the end (gapt/demo/run.py)
-    assert epochs == list(range(len(epochs)))
+    assert epochs == list(range(1, len(epochs) + 1))  # epochs count from 1
     assert (killed / "results.json").exists() or len(epochs) == QUICK["rung"]
     assert lines[:len(saved_lines)] == saved_lines  # resumed: the epochs saved before the kill were not rerun
     summary = json.loads((out / "summary.json").read_text())

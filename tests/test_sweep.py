@@ -156,7 +156,7 @@ def test_killed_sweep_resumes(tmp_path, monkeypatch):
     assert again.calls == [("lr0.5", True), ("lr1.0", False), ("seed42", False)]
     assert first.stat().st_mtime_ns == mtime
     epochs = [json.loads(l)["epoch"] for l in (out / "trials" / "lr0.5" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1]
+    assert epochs == [1, 2]  # epochs count from 1
     assert state["choice"]["name"] == best_trial(out, ["lr0.1", "lr0.5", "lr1.0"])
 
     third = CountingTrain(REAL_TRAIN)
@@ -299,3 +299,21 @@ def test_ray_backend_with_asha(tmp_path):
         assert {p: p.stat().st_mtime_ns for p in out.glob("*/*/results.json")} == mtimes
     finally:
         ray.shutdown()
+
+
+def test_a_failed_trial_makes_the_cli_exit_non_zero_after_the_summary(tmp_path, capsys):
+    # num_prompts=0 is invalid for gated: that trial fails, the other finishes and is chosen
+    rc = main(["sweep", *tiny(tmp_path / "sw", "train.epochs=1"), "num_prompts=0,2", "--grid", "none", "--workers", "0",
+               "--seeds", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "1 run(s) failed: np0" in err
+    state = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert state["status"] == "done" and state["choice"]["name"] == "np2"
+
+
+def test_a_misspelled_backbone_stops_the_sweep_before_any_trial(tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(["sweep", *tiny(out, "backbone=test_mae_tinny"), "train.lr=0.1,0.5", "--workers", "0"]) == 1
+    assert "did you mean 'test_mae_tiny'" in capsys.readouterr().err
+    assert not out.exists()

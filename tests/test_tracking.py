@@ -60,7 +60,7 @@ def test_tensorboard_curves_equal_metrics_jsonl(tmp_path):
     acc = events(run / "tb")
     steps = [s for s, _ in curve(acc, "train/loss")]
     per_epoch = math.ceil(res["data"]["train_images"] / 16) if "train_images" in res["data"] else steps[0]
-    assert steps == [per_epoch * (r["epoch"] + 1) for r in rows]
+    assert steps == [per_epoch * r["epoch"] for r in rows]  # epochs count from 1
     for tag, key in [("train/loss", "loss"), ("train/lr", "lr"), ("train/images_per_s", "images_per_s"),
                      ("val/top1", "val_top1"), ("val/loss", "val_loss")]:
         assert curve(acc, tag) == [(s, f32(r[key])) for s, r in zip(steps, rows)], tag
@@ -205,9 +205,9 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
         time.sleep(0.2)
     rows = read_metrics(run)
     per_epoch = sorted(logged)[0]
-    assert sorted(logged) == [per_epoch * (r["epoch"] + 1) for r in rows]
+    assert sorted(logged) == [per_epoch * r["epoch"] for r in rows]
     for row in rows:
-        got = logged[per_epoch * (row["epoch"] + 1)]
+        got = logged[per_epoch * row["epoch"]]
         assert {t: got[t] for t in ("train/loss", "train/lr", "val/top1", "val/loss")} == {
             "train/loss": row["loss"], "train/lr": row["lr"], "val/top1": row["val_top1"], "val/loss": row["val_loss"]}
         assert {f"gates/block_{l}" for l in (1, 2, 3)} <= set(got)
@@ -236,7 +236,7 @@ def test_killed_run_resumes_without_repeated_steps(tmp_path):
                    capture_output=True)
     assert len(list((tmp_path / "cut" / "tb").glob("events.out.tfevents.*"))) == 2  # killed + resumed process
     rows = read_metrics(tmp_path / "cut")
-    assert [r["epoch"] for r in rows] == list(range(6))
+    assert [r["epoch"] for r in rows] == list(range(1, 7))
     acc = events(tmp_path / "cut" / "tb")
     for tag, key in [("train/loss", "loss"), ("val/top1", "val_top1")]:
         points = curve(acc, tag)

@@ -75,11 +75,24 @@ def _generated(cfg_data, image_size: int, seed: int) -> DatasetBundle:
         raise DataError(str(e)) from e
 
 
-def build_datasets(cfg_data, image_size: int = 224, seed: int = 42) -> DatasetBundle:
+def check_classes(class_names, cfg_data, source: str) -> None:
+    """A one-class task trains nothing; data.num_classes, when given, must match what was found."""
+    given = int(getattr(cfg_data, "num_classes", 0) or 0)
+    if given and given != len(class_names):
+        raise DataError(f"data.num_classes={given} but {source} has {len(class_names)} classes")
+    if len(class_names) < 2:
+        raise DataError(f"{source} has a single class ({', '.join(map(str, class_names)) or 'none'}): "
+                        f"classification needs at least 2")
+
+
+def build_datasets(cfg_data, image_size: int = 224, seed: int = 42,
+                   splits=("train", "val", "test")) -> DatasetBundle:
     """Read, check and (for un-augmented splits) cache the dataset ``cfg_data`` describes.
 
     ``cfg_data`` is a :class:`gapt.config.DataConfig` (or a dict of its keys). ``seed`` fixes
-    the carve-out of missing val/test splits (folder, csv) and generated datasets.
+    the carve-out of missing val/test splits (folder, csv) and generated datasets. Only the
+    ``splits`` named are checked and cached (the others are None in the bundle); the split
+    lists are still all read, since carve-outs depend on them.
     """
     cfg_data = _as_data_config(cfg_data)
     _validate(cfg_data, image_size)
@@ -98,8 +111,10 @@ def build_datasets(cfg_data, image_size: int = 224, seed: int = 42) -> DatasetBu
     else:
         from .folder import parse_csv
         parsed = parse_csv(cfg_data, seed)
+    if len(parsed.splits["train"]):  # an empty train split is reported by assemble, by name
+        check_classes(parsed.class_names, cfg_data, parsed.source)
     from .bundle import assemble
-    bundle = assemble(parsed, cfg_data, image_size)
+    bundle = assemble(parsed, cfg_data, image_size, splits)
     info = bundle.info
     log.info("data: %s %s: %d train / %d val / %d test images, %d classes; %s",
              info["format"], info["name"], info["num_train"], info["num_val"], info["num_test"],

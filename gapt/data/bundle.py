@@ -87,7 +87,9 @@ def _resolve_failures(sl: SplitList, failures: Dict[int, str], split: str, skip:
     return [i for i in range(len(sl)) if i not in failures]
 
 
-def assemble(parsed: ParsedData, cfg_data, image_size: int) -> DatasetBundle:
+def assemble(parsed: ParsedData, cfg_data, image_size: int, splits: Sequence[str] = SPLITS) -> DatasetBundle:
+    """The bundle of ``parsed``; only the ``splits`` named are checked, cached and built (the others
+    are None), so `gapt eval --split test` reads no train or val image."""
     cache_mode = cfg_data.cache
     skip = bool(cfg_data.skip_bad_images)
     cache_dir = cfg_data.cache_dir or default_cache_dir(parsed.cache_root)
@@ -99,17 +101,21 @@ def assemble(parsed: ParsedData, cfg_data, image_size: int) -> DatasetBundle:
 
     for split in SPLITS:
         sl = parsed.splits[split]
+        if split not in splits:
+            continue
         if len(sl) == 0:
             raise DataError(f"the {split} split ({sl.source}) of {parsed.root} lists no images")
         label = f"{parsed.format}-{parsed.name or 'data'}-{split}-{os.path.splitext(sl.source)[0]}"
+        words = f"the {split} split ({sl.source})"  # what the log says; label names cache files
         augmented = split == "train" and augment is not None
         cache = None
         if augmented and cache_mode != "none" and cfg_data.cache_augmented:
-            cache, failures = build_resized_cache(sl.paths, augment, cache_mode, cache_dir, label)
+            cache, failures = build_resized_cache(sl.paths, augment, cache_mode, cache_dir, label, words)
         elif augmented or cache_mode == "none":
-            failures = check_images(sl.paths, label, marker_dir=cache_dir if cache_mode == "disk" else "")
+            failures = check_images(sl.paths, label, marker_dir=cache_dir if cache_mode == "disk" else "",
+                                    words=words)
         else:
-            cache, failures = build_image_cache(sl.paths, decoder, cache_mode, cache_dir, label)
+            cache, failures = build_image_cache(sl.paths, decoder, cache_mode, cache_dir, label, words)
         keep = _resolve_failures(sl, failures, split, skip)
         if failures:
             skipped[split] = len(failures)
@@ -141,9 +147,9 @@ def assemble(parsed: ParsedData, cfg_data, image_size: int) -> DatasetBundle:
         "source": parsed.source,
         "resize": resize,
         "normalisation": NORMALISATION,
-        "num_train": len(datasets["train"]),
-        "num_val": len(datasets["val"]),
-        "num_test": len(datasets["test"]),
+        "num_train": len(datasets.get("train") or parsed.splits["train"]),
+        "num_val": len(datasets.get("val") or parsed.splits["val"]),
+        "num_test": len(datasets.get("test") or parsed.splits["test"]),
         "skipped_images": total_skipped,
         "num_classes": len(parsed.class_names),
         "class_names": list(parsed.class_names),
@@ -153,9 +159,11 @@ def assemble(parsed: ParsedData, cfg_data, image_size: int) -> DatasetBundle:
         "cache": cache_mode,
         "cache_augmented": bool(cfg_data.cache_augmented and parsed.train_augmented and cache_mode != "none"),
         "notes": list(parsed.notes),
+        # False when every val image is also a train image (a final run on train + val)
+        "val_held_out": not set(parsed.splits["val"].paths) <= set(parsed.splits["train"].paths),
     }
     if total_skipped:
         info["skipped"] = skipped
         info["skipped_examples"] = examples
-    return DatasetBundle(datasets["train"], datasets["val"], datasets["test"],
+    return DatasetBundle(datasets.get("train"), datasets.get("val"), datasets.get("test"),
                          num_classes=len(parsed.class_names), class_names=list(parsed.class_names), info=info)

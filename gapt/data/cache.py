@@ -54,25 +54,30 @@ def describe_error(exc: BaseException) -> str:
 
 
 class _Progress:
-    """tqdm on a terminal; otherwise one log line at the start and one at the end."""
+    """tqdm on a terminal; one log line per step when done, plus a line every 30 s of long steps."""
+
+    EVERY_S = 30.0
 
     def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.start = total, desc, time.time()
+        self.total, self.desc, self.start, self.done = total, desc, time.time(), 0
+        self.last = self.start
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
-        else:
-            log.info("%s: %d images ...", desc, total)
 
     def update(self, n: int = 1) -> None:
+        self.done += n
         if self.bar is not None:
             self.bar.update(n)
+        elif time.time() - self.last > self.EVERY_S:  # long work: say how far it got
+            self.last = time.time()
+            log.info("%s: %d/%d images ...", self.desc, self.done, self.total)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        log.info("%s: %d images done in %.1fs", self.desc, self.total, time.time() - self.start)
+        log.info("%s: %d images in %.1fs", self.desc, self.total, time.time() - self.start)
 
 
 def run_parallel(fn: Callable[[int], Optional[str]], n: int, desc: str) -> Dict[int, str]:
@@ -241,19 +246,20 @@ def _write_npy(npy: Path, meta_path: Path, shape, fill: Callable[[np.ndarray], D
     finally:
         if tmp.exists():
             tmp.unlink()
-    log.info("wrote disk cache %s", npy)
+    log.debug("wrote disk cache %s", npy)
     return failures
 
 
 def build_image_cache(paths: Sequence[str], decoder, mode: str, cache_dir: str = "",
-                      label: str = "split") -> "tuple[ImageCache, Dict[int, str]]":
+                      label: str = "split", words: str = "") -> "tuple[ImageCache, Dict[int, str]]":
     """Decode every image once with ``decoder.load_uint8``; returns (cache, failures).
 
     ``mode`` is ``memory`` or ``disk``; ``failures`` maps row -> reason (those rows are zero).
+    ``label`` names the cache files; ``words`` (e.g. "the val split (val.json)") the log line.
     """
     s = decoder.image_size
     shape = (len(paths), s, s, 3)
-    desc = f"caching {label} ({decoder.description})"
+    desc = f"cached {words or label} {'in memory' if mode == 'memory' else 'on disk'} ({decoder.description})"
     if mode == "memory":
         _warn_if_large(int(np.prod(shape)), label)
         array = np.empty(shape, dtype=np.uint8)
@@ -271,7 +277,7 @@ def build_image_cache(paths: Sequence[str], decoder, mode: str, cache_dir: str =
         try:
             arr = np.load(npy, mmap_mode="r")
             if tuple(arr.shape) == shape and arr.dtype == np.uint8:
-                log.info("using disk cache %s", npy)
+                log.info("using the disk cache of %s (%s)", words or label, npy)
                 failures = {int(k): v for k, v in meta.get("failures", {}).items()}
                 return ImageCache(path=str(npy), description=decoder.description, key=key), failures
         except (OSError, ValueError):
@@ -307,7 +313,7 @@ class RaggedImageCache(_StoredArray):
         return self.data[self.offsets[row]:self.offsets[row + 1]].reshape(self.shapes[row])
 
 
-def _resized_shapes(paths: Sequence[str], augment) -> "tuple[np.ndarray, Dict[int, str]]":
+def _resized_shapes(paths: Sequence[str], augment, words: str = "the split") -> "tuple[np.ndarray, Dict[int, str]]":
     """Each image's size after the resize, from its header alone (no decoding)."""
     shapes = np.zeros((len(paths), 3), dtype=np.int64)
 
@@ -318,7 +324,7 @@ def _resized_shapes(paths: Sequence[str], augment) -> "tuple[np.ndarray, Dict[in
         except Exception as e:  # noqa: BLE001 - unreadable header: a bad image
             return describe_error(e)
         return None
-    failures = run_parallel(work, len(paths), "reading image sizes")
+    failures = run_parallel(work, len(paths), f"read the image sizes of {words}")
     shapes[list(failures)] = 0
     return shapes, failures
 
@@ -340,14 +346,15 @@ def _fill_ragged(cache: RaggedImageCache, buffer: np.ndarray, paths: Sequence[st
 
 
 def build_resized_cache(paths: Sequence[str], augment, mode: str, cache_dir: str = "",
-                        label: str = "split") -> "tuple[RaggedImageCache, Dict[int, str]]":
+                        label: str = "split", words: str = "") -> "tuple[RaggedImageCache, Dict[int, str]]":
     """Decode and resize every image of an augmented split once (``augment.load_resized_uint8``);
     the random crop and flip are still drawn per access. Returns (cache, failures)."""
     description = f"{augment.description} (cached before the random crop)"
     if mode not in ("memory", "disk"):
         raise ValueError(f"unknown cache mode {mode!r}")
     key = cache_key(paths, description)
-    desc = f"caching {label} ({augment.description}, resized before the random crop)"
+    desc = (f"cached {words or label} {'in memory' if mode == 'memory' else 'on disk'} "
+            f"({augment.description}, resized before the random crop)")
     if mode == "disk":
         folder = _ensure_dir(cache_dir)
         stem = f"{_safe_label(label)}-{key[:20]}"
@@ -357,11 +364,11 @@ def build_resized_cache(paths: Sequence[str], augment, mode: str, cache_dir: str
             try:
                 cache = RaggedImageCache(np.asarray(meta["shapes"]), path=str(npy), description=description, key=key)
                 if cache.buffer.shape == (cache.offsets[-1],) and cache.buffer.dtype == np.uint8:
-                    log.info("using disk cache %s", npy)
+                    log.info("using the disk cache of %s (%s)", words or label, npy)
                     return cache, {int(k): v for k, v in meta.get("failures", {}).items()}
             except (OSError, ValueError, KeyError):
                 pass  # unreadable: rebuild below
-    shapes, failures = _resized_shapes(paths, augment)
+    shapes, failures = _resized_shapes(paths, augment, words or label)
     cache = RaggedImageCache(shapes, description=description, key=key)
     total = int(cache.offsets[-1])
     if mode == "memory":
@@ -391,7 +398,7 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def check_images(paths: Sequence[str], label: str = "split", marker_dir: str = "") -> Dict[int, str]:
+def check_images(paths: Sequence[str], label: str = "split", marker_dir: str = "", words: str = "") -> Dict[int, str]:
     """Test-decode every image; returns row -> reason for the bad ones.
 
     With ``marker_dir`` (disk cache mode) the result is remembered under a key of the file
@@ -404,7 +411,7 @@ def check_images(paths: Sequence[str], label: str = "split", marker_dir: str = "
         meta = _read_json(marker) if marker.exists() else None
         if meta and meta.get("key") == key:
             return {int(k): v for k, v in meta.get("failures", {}).items()}
-    failures = run_parallel(lambda i: check_image(paths[i]), len(paths), f"checking {label} images")
+    failures = run_parallel(lambda i: check_image(paths[i]), len(paths), f"checked that {words or label} decodes")
     if marker is not None:
         _write_json_atomic(marker, {"key": key, "failures": failures})
     return failures

@@ -208,6 +208,18 @@ def read_csv_list(path: str) -> List[Tuple[str, str, int]]:
     return rows
 
 
+def label_gaps(present, num_classes: int) -> str:
+    """Labels in [0, num_classes) that never occur, as runs: "3..6, 9" ("" if none)."""
+    missing = [i for i in range(num_classes) if i not in present]
+    runs: List[List[int]] = []
+    for i in missing:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
 def parse_csv(cfg_data, seed: int) -> ParsedData:
     if not cfg_data.csv_train:
         raise DataError("data.format=csv needs data.csv_train (a file of 'path,label' lines)")
@@ -224,14 +236,24 @@ def parse_csv(cfg_data, seed: int) -> ParsedData:
 
     all_labels = [label for rows in raw.values() for _, label, _ in rows]
     integer = all(_is_int(label) for label in all_labels)
+    notes: List[str] = []
     if integer:
+        given = int(getattr(cfg_data, "num_classes", 0) or 0)
         for s, rows in raw.items():
             for _, label, line in rows:
-                if int(label) < 0:
-                    raise DataError(f"{files[s]} line {line}: label {label} outside [0, num_classes)")
-        num_classes = max((int(x) for x in all_labels), default=-1) + 1
+                if int(label) < 0 or (given and int(label) >= given):
+                    bound = f"data.num_classes={given}" if given else "num_classes"
+                    raise DataError(f"{files[s]} line {line}: label {label} outside [0, {bound})")
+        num_classes = given or max((int(x) for x in all_labels), default=-1) + 1
         class_names = [str(i) for i in range(num_classes)]
         to_label = lambda text: int(text)  # noqa: E731
+        gaps = label_gaps({int(x) for x in all_labels}, num_classes)
+        if gaps:  # e.g. one mistyped label 7 in a 3-class list would add 4 classes nobody has
+            msg = (f"labels {gaps} never occur in {', '.join(os.path.basename(p) for p in files.values())}, yet "
+                   f"count as classes ({num_classes} in all); set data.num_classes to make labels outside it "
+                   f"an error")
+            log.warning("%s", msg)
+            notes.append(msg)
     else:
         class_names = sorted(set(all_labels))
         index = {c: i for i, c in enumerate(class_names)}
@@ -244,7 +266,6 @@ def parse_csv(cfg_data, seed: int) -> ParsedData:
             p = image if os.path.isabs(image) else os.path.join(base, image)
             sl.add(p, to_label(label), f"{files[s]} line {line}")
         splits[s] = sl
-    notes: List[str] = []
     if not integer:
         notes.append("labels are class names, indexed in sorted order")
     names = _fill_missing_splits(splits, cfg_data, seed, notes)

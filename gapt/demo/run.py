@@ -99,9 +99,9 @@ def _advance(cfg: RunConfig, epochs: Optional[int] = None) -> Optional[Dict]:
 def rung_record(folder: Path, rung: int) -> Dict:
     """The val numbers of the epoch that ends the rung, as metrics.jsonl holds them."""
     for record in rf.read_metrics(folder):
-        if record["epoch"] == rung - 1:
+        if record["epoch"] == rung:  # metrics.jsonl numbers epochs from 1
             return record
-    raise RuntimeError(f"{folder / rf.METRICS} has no line for epoch {rung - 1}")
+    raise RuntimeError(f"{folder / rf.METRICS} has no line for epoch {rung}")
 
 
 def choose_lr(rungs: Dict[float, Dict]) -> float:
@@ -232,7 +232,7 @@ def format_report(detail: Dict, labels: Sequence[str], quick: bool) -> str:
         for label in labels:
             e = d["methods"][label]
             rung = ", ".join(f"{k}: {v:.1f}" for k, v in e["rung_val_top1"].items())
-            lines.append(f"| {task} | {label} | {e['lr']:g} | {rung} | {e['best_epoch'] + 1}/{e['epochs']} | "
+            lines.append(f"| {task} | {label} | {e['lr']:g} | {rung} | {e['best_epoch']}/{e['epochs']} | "
                          f"{e['tuned_params']:,} |")
     for task, d in detail.items():
         if not d["insertion"]:

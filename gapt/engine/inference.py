@@ -26,6 +26,7 @@ def load_run(run_dir: str, overrides: Sequence[str] = ()):
     if not (run / rf.TUNED).exists():
         raise rf.RunFolderError(f"{run_dir} has no {rf.TUNED} yet (is the run finished?)")
     cfg = C.load_config(str(run / rf.CONFIG), list(overrides))
+    rf.check_run_weights(run_dir, cfg.weights)
     model = load_model(str(run / rf.TUNED), weights=cfg.weights, random_seed=cfg.train.seed)
     results = rf.read_json(run / rf.RESULTS) if (run / rf.RESULTS).exists() else {}
     return cfg, model.eval(), results
@@ -38,7 +39,7 @@ def eval_run(run_dir: str, split: str = "test", overrides: Sequence[str] = ()) -
         raise ValueError(f"unknown split '{split}'; valid: train, val, test")
     device = resolve_device(cfg)
     model.to(device)
-    bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.train.seed)
+    bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.train.seed, splits=(split,))
     dataset = getattr(bundle, split)
     bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     with precision_scope(cfg.train.precision, device) as dtype:  # the run's precision (fp32: TF32 off)
@@ -68,8 +69,12 @@ def expand_images(paths: List[str]) -> List[Path]:
 
 @torch.no_grad()
 def predict(run_dir: str, images: List[str], top_k: int = 5, batch_size: int = 32,
-            overrides: Sequence[str] = ()) -> List[Dict]:
-    """Top-k classes per image (files or folders of images), in batches, with the run's precision."""
+            overrides: Sequence[str] = (), skip_bad: bool = False) -> List[Dict]:
+    """Top-k classes per image (files or folders of images), in batches, with the run's precision.
+
+    An image that cannot be read stops everything, unless ``skip_bad``: then its entry is
+    ``{"image": path, "error": reason, "top": []}`` and the others are predicted.
+    """
     from ..data import eval_transform
     cfg, model, results = load_run(run_dir, overrides)
     files = expand_images(images)  # every path checked before the first forward
@@ -78,22 +83,28 @@ def predict(run_dir: str, images: List[str], top_k: int = 5, batch_size: int = 3
     device = resolve_device(cfg)
     model.to(device)
     with precision_scope(cfg.train.precision, device) as dtype:
-        return _predict(model, files, transform, device, dtype, top_k, batch_size)
+        return _predict(model, files, transform, device, dtype, top_k, batch_size, skip_bad)
 
 
-def _predict(model, files, transform, device, dtype, top_k: int, batch_size: int) -> List[Dict]:
+def _predict(model, files, transform, device, dtype, top_k: int, batch_size: int,
+             skip_bad: bool = False) -> List[Dict]:
     from PIL import Image
     from .progress import Progress
     out = []
     bar = Progress((len(files) + batch_size - 1) // batch_size, "predict", enabled=len(files) > batch_size)
     for first in range(0, len(files), batch_size):
-        chunk = files[first:first + batch_size]
-        tensors = []
-        for path in chunk:
+        tensors, chunk = [], []
+        for path in files[first:first + batch_size]:
             try:
                 tensors.append(transform(Image.open(path).convert("RGB")))
+                chunk.append(path)
             except Exception as e:
-                raise ValueError(f"cannot read image {path}: {e}") from None
+                if not skip_bad:
+                    raise ValueError(f"cannot read image {path}: {e}; --skip-bad skips such images") from None
+                out.append({"image": str(path), "error": f"{type(e).__name__}: {e}", "top": []})
+        bar.update()
+        if not tensors:
+            continue
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(torch.stack(tensors).to(device))
         top = logits.float().softmax(-1).cpu().topk(min(top_k, logits.shape[-1]))
@@ -101,6 +112,5 @@ def _predict(model, files, transform, device, dtype, top_k: int, batch_size: int
             out.append({"image": str(path), "top": [
                 {"class": model.class_names[i], "index": int(i), "probability": float(p)}
                 for p, i in zip(values, indices)]})
-        bar.update()
     bar.close()
     return out

@@ -81,8 +81,17 @@ def set_rng_state(s: Dict, model=None) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def check_model_config(cfg: C.RunConfig, size_key: str = "image_size") -> None:
+    """Backbone name, weights file, image size vs patch size, insertion block: before any data or file."""
+    from ..model.preflight import check_model_settings
+    check_model_settings(cfg.backbone, cfg.weights, getattr(cfg, size_key), cfg.method, cfg.insert_at_block,
+                         size_key)
+
+
 def config_for_resume(run_dir: str) -> C.RunConfig:
     path = Path(run_dir) / rf.CONFIG
+    if not Path(run_dir).is_dir():
+        raise rf.RunFolderError(f"run folder {run_dir} does not exist; nothing to resume")
     if not (Path(run_dir) / rf.RESUME).exists():
         raise rf.RunFolderError(f"{run_dir} has no resume file ({rf.RESUME}); nothing to resume")
     cfg = C.load_config(str(path))

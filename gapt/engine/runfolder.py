@@ -10,8 +10,6 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, List
 
-import torch
-
 CONFIG, METRICS, RESULTS, TUNED, RESUME = "config.yaml", "metrics.jsonl", "results.json", "tuned.safetensors", "last.pt"
 
 
@@ -26,6 +24,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    import torch  # here, not at the top: reading a run folder (sweep, report) needs no torch
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -75,9 +74,23 @@ def resume_hint(folder: Path, command: str = "gapt train") -> str:
         return (f"nothing to resume in {folder}: the resume file is written when the first epoch ends; "
                 f"start the run again")
     try:
+        import torch
         state = torch.load(path, map_location="cpu", weights_only=True)
         point = (f"{state['epoch'] + 1} finished epoch(s)" if "epoch" in state else
                  f"{state['iteration']} iterations")
     except Exception:  # noqa: BLE001 - the hint must not hide the interruption
         point = "the last save"
     return f"the state after {point} is saved; continue with `{command} --resume {folder}`"
+
+
+def check_run_weights(run_dir, weights) -> None:
+    """The backbone checkpoint a finished run needs is still there; if not, say how to point at it."""
+    if weights in (None, "timm") or Path(weights).is_file():
+        return
+    raise RunFolderError(f"the backbone checkpoint of run {run_dir} is not found: {weights} (its config.yaml "
+                         f"'weights'); if the file moved, give its new place with --weights PATH")
+
+
+def is_finished(folder) -> bool:
+    """A run whose results.json was written: training and test evaluation are done."""
+    return (Path(folder) / RESULTS).is_file()

@@ -19,7 +19,7 @@ from . import distributed as dist
 from . import runfolder as rf
 from .precision import autocast_dtype_for, precision_record, precision_scope
 from .progress import Progress, summary
-from .run import Run, check_finite, in_process_group, seed_everything
+from .run import Run, check_finite, check_model_config, in_process_group, seed_everything
 from .schedule import LRSchedule
 
 log = logging.getLogger("gapt")
@@ -99,7 +99,7 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
                     max_steps: int = 0, run_dir: Optional[Path] = None) -> Dict[str, float]:
     model.train()
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
-    bar = Progress(steps, f"epoch {epoch}", enabled=dist.is_main())
+    bar = Progress(steps, f"epoch {epoch + 1}", enabled=dist.is_main())  # epochs count from 1 for people
     loss_sum, seen, start, lr = 0.0, 0, time.time(), 0.0
     # On CUDA the losses are read every few steps (one wait for the GPU), so the next
     # batches are queued while it computes; the loss and step reported stay exact.
@@ -109,7 +109,7 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
     def flush() -> None:
         nonlocal loss_sum
         values = torch.stack([p[1] for p in pending]).tolist()
-        check_finite(values, [f"epoch {epoch} step {p[0]}" for p in pending], device,
+        check_finite(values, [f"epoch {epoch + 1} step {p[0]}" for p in pending], device,
                      run_dir / rf.RESUME if run_dir is not None else None,
                      "The state after the last finished epoch is kept in {path}",
                      "No epoch had finished, so there is no state to keep")
@@ -162,6 +162,7 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
     ``prompt_initialiser(model, train_set, seed=, device=)`` sets the prompts of a fresh
     ``prompt_init: prototype`` run (default: gapt.engine.prototype's k-means).
     """
+    check_model_config(cfg)
     return in_process_group(cfg, lambda device: _train(Run(cfg, device, resume), stop_after_epoch,
                                                        prompt_initialiser))
 
@@ -202,13 +203,19 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
         set_tuned_state(model, state["tuned"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, train_time = state["epoch"] + 1, state["train_time_s"]
-        best = {"top1": state["best_top1"], "epoch": state["best_epoch"], "state": state["best_tuned"]}
-        run.keep_metrics(lambda r: r.get("epoch", -1) < start_epoch)
-        log.info("resuming %s at epoch %d", out, start_epoch)
+        # resume files before epochs were numbered from 1 (no "epoch_base") hold a 0-based best epoch
+        best_epoch = state["best_epoch"] + (0 if state.get("epoch_base") == 1 else 1)
+        best = {"top1": state["best_top1"], "epoch": best_epoch, "state": state["best_tuned"]}
+        run.keep_metrics(lambda r: r.get("epoch", -1) < start_epoch + 1)  # lines count epochs from 1
+        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, t.epochs)
     # curves: one point per epoch at the optimizer-step count, continued (not repeated) on resume
     run.open_tracker(start_epoch * steps_per_epoch)
 
     val_forward = model.forward_from_frozen if cached else model
+    # A final run may train on its val images (train + val): its val top-1 is no held-out score.
+    held_out_val = bundle.info.get("val_held_out", True)
+    if not held_out_val:
+        log.info("final run: val is part of the training data, so no held-out val score is reported")
     for epoch in range(start_epoch, t.epochs):
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model, train_forward, loader, optimizer, schedule, epoch, device, dtype,
@@ -216,17 +223,18 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
         train_time += stats.pop("train_time_s")
         model.eval()
         val = evaluate(val_forward, val_set, eval_bs, device, dtype, workers, desc="val")
-        record = {"epoch": epoch, **stats, "val_top1": val["top1"], "val_loss": val["loss"]}
+        record = {"epoch": epoch + 1, **stats, "val_top1": val["top1"], "val_loss": val["loss"]}
         if t.eval_test_every_epoch:  # the reference protocol: costly, and test must not pick models
             record["test_top1"] = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test")["top1"]
         if val["top1"] > best["top1"]:
-            best = {"top1": val["top1"], "epoch": epoch, "state": tuned_state(model)}
+            best = {"top1": val["top1"], "epoch": epoch + 1, "state": tuned_state(model)}
         run.append_metrics(record, (epoch + 1) * steps_per_epoch, model)
         run.save_state({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
                         "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
-                        "train_time_s": train_time}, model)
+                        "train_time_s": train_time, "epoch_base": 1}, model)
         if dist.is_main():
-            log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary({k: v for k, v in record.items() if k != "epoch"}))
+            shown = {k: v for k, v in record.items() if k != "epoch" and (held_out_val or not k.startswith("val_"))}
+            log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary(shown))
         dist.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             run.close()
@@ -236,7 +244,7 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
     # are one state when the last epoch was the best (then test runs once).
     last_state = tuned_state(model)
     test_last = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (last)")
-    if best["epoch"] == t.epochs - 1:
+    if best["epoch"] == t.epochs:
         test_best = test_last
     else:
         set_tuned_state(model, best["state"])
@@ -246,12 +254,16 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
     results = run.base_results(model, bundle.info.get("name") or cfg.data.name, cfg.data.final, metrics,
                                bundle.info, model.num_tuned(), train_time)
     results.update({"epochs": t.epochs, "frozen_cache_blocks": model.frozen_leading_blocks if cached else 0,
-                    "backbone_params": sum(p.numel() for p in model.backbone.parameters())})
+                    "val_held_out": held_out_val, "backbone_params": sum(p.numel() for p in model.backbone.parameters())})
 
     def write_files() -> None:
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
-        log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
-                 best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
+        if held_out_val:
+            log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
+                     best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
+        else:
+            log.info("done (final run, no held-out val): test top-1 %.2f (state of epoch %d) / %.2f (last) -> %s",
+                     test_best["top1"], best["epoch"], test_last["top1"], out)
 
     run.finish(results, write_files, t.epochs * steps_per_epoch)
     set_tuned_state(model, last_state)

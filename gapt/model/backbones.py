@@ -60,6 +60,11 @@ register_backbone(BackboneSpec(
     "mae_vit_micro", _vit(4, 64, 6, 4), "mean", "mae", image_size=32,
     description="6-block, width-64 ViT pre-trained with MAE on procedural images; ships in gapt/demo/assets"))
 
+# The supervised ViT-B/16 of VPT and the paper's Figs. 1-2: Google's `imagenet21k_ViT-B_16.npz` (SPEC §11).
+register_backbone(BackboneSpec(
+    "sup_vitb16", _vit(16, 768, 12, 12), "cls", "google_npz", timm_name="vit_base_patch16_224.orig_in21k",
+    description="supervised ImageNet-21k ViT-B/16, Google's .npz layout (VPT's imagenet21k_ViT-B_16.npz)"))
+
 
 _FAIR = "https://dl.fbaipublicfiles.com/"
 for _name, _file in [("mae_vitb16", "mae/pretrain/mae_pretrain_vit_base.pth"),
@@ -72,6 +77,9 @@ for _name, _file in [("mae_vitb16", "mae/pretrain/mae_pretrain_vit_base.pth"),
 BACKBONES["mocov3_vitb16"] = replace(BACKBONES["mocov3_vitb16"], download=BACKBONES["mocov3_vitb16"].download + (
     f" (or the linear-probe file {_FAIR}moco-v3/vit-b-300ep/linear-vit-b-300ep.pth.tar that VPT and GaPT used)"))
 BACKBONES["mae_vit_micro"] = replace(BACKBONES["mae_vit_micro"], download="ships with gapt (gapt/demo/assets)")
+BACKBONES["sup_vitb16"] = replace(BACKBONES["sup_vitb16"], download=(
+    "imagenet21k_ViT-B_16.npz: Google's ViT-B_16.npz from https://storage.googleapis.com/vit_models/imagenet21k/"
+    "ViT-B_16.npz (VPT's name for it)"))
 
 # What each checkpoint_format reads (`gapt backbones`).
 LAYOUTS = {
@@ -84,6 +92,8 @@ LAYOUTS = {
               "518-px position embedding; timm's checkpoint_filter_fn, then the strict key check",
     "ijepa": "I-JEPA file {'encoder': module.*, 'predictor', 'target_encoder'}: the encoder, via timm's "
              "checkpoint_filter_fn",
+    "google_npz": "Google ViT .npz (Transformer/encoderblock_i/...): timm's loader after a strict key check; "
+                  "head/* and pre_logits/* dropped",
     "dinov3": "DINOv3 file: plain state dict with storage_tokens, mask_token, ls1/ls2.gamma, qkv.bias + "
               "bias_mask, rope_embed.periods; timm's Eva checkpoint_filter_fn",
 }

@@ -50,6 +50,10 @@ def _build_backbone(spec: BackboneSpec, weights: Optional[str], image_size: Opti
     if weights is None:
         warnings.warn(f"backbone '{spec.name}' built with random weights (weights=None)", stacklevel=3)
         return vit, spec
+    if spec.checkpoint_format == "google_npz" or str(weights).endswith(".npz"):
+        from .google_npz import load_google_npz
+        log.info("loaded %s from %s", load_google_npz(vit, weights, spec, pos_embed_interpolation), weights)
+        return vit, spec
     raw = read_tensor_file(weights)
     if weights.endswith(".safetensors") or spec.checkpoint_format == "timm":
         fmt = "timm" if spec.checkpoint_format in ("timm", "dino") else spec.checkpoint_format
@@ -70,16 +74,47 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: Union
                 pos_embed_interpolation: str = "bicubic", **settings) -> PromptedViT:
     """A frozen ViT (timm) with one transfer method and a linear head.
 
-    backbone: a registered name (``gapt.model.BACKBONES``) or any timm ViT name;
-    method: a method name or a ``MethodSettings``; ``settings``: its other fields as keywords
-    (num_prompts=100, gate_init=10.0, learn_temperature=False, insert_at_block=1,
-    prompt_dropout=0.1, pooling="" = the backbone's rule; see ``gapt.method.MethodSettings``);
-    weights: a checkpoint path (MAE, MoCo v3, DINO, timm/safetensors), ``"timm"`` for hub
-    weights, or None for a random backbone (warned);
+    backbone: a registered name (``gapt.model.BACKBONES``, see ``gapt backbones``), a
+        :class:`BackboneSpec`, or any timm ViT name.
+    method: a ``gapt.method.MethodSettings`` (every method setting below in one object), or a
+        method name. Methods: ``linear`` (head only), ``full`` (every backbone weight trained too),
+        ``vpt-shallow`` (prompts enter at block 1 and flow through every block),
+        ``vpt-deep`` (fresh prompts at every block), ``vpt-at-block`` (prompts enter at
+        ``insert_at_block``), ``gated`` (GaPT: vpt-shallow whose prompt update after block l is
+        mixed by a learned gate g_l = sigmoid(gamma_l), one per block but the last).
+    num_prompts: prompt tokens (prompt methods; ignored by linear/full).
+    num_classes: outputs of the linear head (fresh: Kaiming-normal weight, bias -log(99)).
+    gate_init: gated only (default 10.0): every gamma_l starts at ``-gate_init``, so gates start at
+        sigmoid(-gate_init) (5 -> 0.0067, 10 -> 4.5e-5): prompts first pass blocks almost unchanged.
+    learn_temperature: also learn one attention temperature per block (AAS), starting at 1 and
+        clamped to [0.01, 10]; prompt methods only.
+    insert_at_block: vpt-at-block only (1-based, 1..depth); every other method needs 1.
+    weights: a checkpoint path (MAE, MoCo v3, DINO, timm state dict / safetensors; a classifier
+        head in it is dropped), ``"timm"`` for hub weights, or None for a random backbone (warned).
+    image_size: input side in pixels (default: the backbone's); a multiple of the patch size.
+        The position embedding of the weights is interpolated to the new grid.
+    prompt_dropout: dropout on prompt tokens while training.
+    pooling: how tokens become the head's input, after the final LayerNorm: ``cls`` (the CLS
+        token), ``mean`` (mean of every token but CLS/registers, prompts included: MAE's rule),
+        ``img`` (mean of the patch tokens only), ``prompt`` (mean of the prompt tokens; prompt
+        methods only). "" (or None) = the backbone's pretraining rule (MAE: mean; MoCo v3, DINO,
+        supervised: cls).
+    settings: the method's other settings as keywords (num_prompts, gate_init, gate_type,
+        gate_temperature, learn_temperature, insert_at_block, prompt_dropout, pooling: the fields
+        of ``gapt.method.MethodSettings``).
+    class_names: stored with the model (tuned file metadata, ``gapt predict`` output).
+    random_seed: only with ``weights=None``: the random backbone is drawn from this seed,
+        without touching the global RNG, so the same seed rebuilds the same backbone.
+        Prompts and the head are still drawn from the global RNG. This is why
+        ``load_model(f, weights=None)`` gives other logits than the model saved in ``f``: a
+        tuned file holds only the tuned tensors, not the frozen backbone, so a random backbone
+        is redrawn; pass the run's ``random_seed`` (``train.seed``) to get the same one back,
+        or the checkpoint path the run used as ``weights``.
     pos_embed_interpolation: bicubic (timm, classification) or bilinear (SETR, segmentation),
-    for the checkpoint's position embedding and for inputs of another patch grid.
+        for the checkpoint's position embedding and for inputs of another patch grid.
     gate_type: ``soft`` (g = sigmoid(gamma)) or ``hard`` (0/1 gates: Gumbel-Sigmoid with temperature
-    ``gate_temperature`` and straight-through in training, 1[gamma > 0] in evaluation; SPEC §9).
+        ``gate_temperature`` and straight-through in training, 1[gamma > 0] in evaluation; SPEC §9).
+    gate_temperature: the Gumbel-Sigmoid temperature of hard gates (default 1.0).
     """
     chosen = MethodSettings.of(method, **settings)
     vit, spec = build_backbone(backbone, weights, image_size, random_seed, pos_embed_interpolation)
@@ -89,7 +124,13 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: Union
 
 
 def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Optional[int] = None) -> PromptedViT:
-    """Rebuild a model from a gapt tuned file's metadata, then load its tuned tensors."""
+    """Rebuild a model from a gapt tuned file's metadata, then load its tuned tensors.
+
+    The tuned file holds prompts, gates, temperatures and the head, not the frozen backbone:
+    ``weights`` must be the checkpoint the model was trained from. With ``weights=None`` the
+    backbone is random, and only the same ``random_seed`` as in training (``train.seed``)
+    rebuilds the backbone the model was trained on (see :func:`build_model`).
+    """
     from .tuned import read_tuned_metadata
     meta = read_tuned_metadata(tuned_path)
     with warnings.catch_warnings():

@@ -134,6 +134,21 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], num_pre
     return torch.cat([prefix, grid], dim=1)
 
 
+CLASSIFIER_PREFIXES = ("head.", "fc_norm.")
+
+
+def drop_classifier_head(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor],
+                         path: str = "<checkpoint>") -> Dict[str, torch.Tensor]:
+    """A copy of ``sd`` without the checkpoint's classifier (``head.*``, and ``fc_norm.*`` where the
+    model has none): gapt always puts its own head on the backbone, so a plain timm state_dict()
+    loads. One log line names what was dropped; any other unexpected key stays an error."""
+    dropped = sorted(k for k in sd if k.startswith(CLASSIFIER_PREFIXES) and k not in own)
+    if dropped:
+        log.info("dropped the checkpoint's classifier head (%s) from %s; gapt trains its own head",
+                 ", ".join(dropped), path)
+    return {k: v for k, v in sd.items() if k not in dropped}
+
+
 def load_into_vit(vit: torch.nn.Module, sd: Dict[str, torch.Tensor], path: str = "<checkpoint>",
                   keep_model_pos_embed: bool = False, pos_embed_mode: str = "bicubic") -> None:
     """Strictly load ``sd`` into ``vit``: every mismatch is listed in one error.
@@ -142,8 +157,8 @@ def load_into_vit(vit: torch.nn.Module, sd: Dict[str, torch.Tensor], path: str =
     rebuilt for the model's grid) wins over an interpolated copy of the checkpoint's.
     ``pos_embed_mode``: how a checkpoint's position embedding is resized to the model's grid.
     """
-    sd = dict(sd)
     own = vit.state_dict()
+    sd = drop_classifier_head(sd, own, path)
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         if keep_model_pos_embed:
             sd["pos_embed"] = own["pos_embed"]

@@ -196,6 +196,24 @@ PLANS: Dict[str, Callable[[], Plan]] = {
 }
 
 
+def _figure_plan(module: str, name: str) -> Callable[[], Plan]:
+    """A figure's plan lives in its analysis module (imported when asked for: those import torch)."""
+    def plan() -> Plan:
+        import importlib
+        return getattr(importlib.import_module(f"gapt.protocol.{module}"), name)()
+    plan.__name__ = name
+    return plan
+
+
+# Figures (SPEC §8): each plan and its render live beside the analysis that draws it.
+PLANS.update({
+    "fig1": _figure_plan("analysis_insertion", "plan_fig1"), "fig2": _figure_plan("analysis_reconstruct", "plan_fig2"),
+    "fig4": _figure_plan("analysis_gates", "plan_fig4"), "fig5": _figure_plan("analysis_attention", "plan_fig5"),
+    "fig6": _figure_plan("analysis_ablation", "plan_fig6"), "fig7": _figure_plan("analysis_tokens", "plan_fig7"),
+    "fig8": _figure_plan("analysis_ablation", "plan_fig8"), "fig9": _figure_plan("analysis_reconstruct", "plan_fig9"),
+})
+
+
 def get_plan(name: str) -> Plan:
     if name not in PLANS:
         raise ReproduceError(f"unknown table {name!r}; choose one of {', '.join(PLANS)}")
@@ -363,6 +381,9 @@ def run_plan(plan: Plan, out, data_root, *, weights: Sequence[str] = (), overrid
     for bad in ("out", "data.final", "train.seed"):
         if bad in user_keys:
             raise ReproduceError(f"{bad}= is set by gapt reproduce (use --out / --seeds)")
+    if getattr(plan, "execute", None) is not None:  # a figure that trains nothing (fig2, fig9: DIP jobs)
+        return _run_execute(plan, Path(out), Path(data_root), weights, backend, workers, preload, executor,
+                            "device=cpu" not in list(overrides))
     wmap = parse_weights(list(weights), sorted({s.backbone for s in plan.specs}))
     check_inputs(plan, data_root, wmap, user_keys)
     C.parse_overrides(user)  # a typo'd key stops here, before any run
@@ -417,6 +438,32 @@ def run_plan(plan: Plan, out, data_root, *, weights: Sequence[str] = (), overrid
     progress.state["status"] = "done" if not failed else "failed"
     progress.write()
     return progress.state
+
+
+def _run_execute(plan: Plan, out: Path, data_root: Path, weights: Sequence[str], backend: str,
+                 workers: Optional[int], preload: Sequence[str], executor, use_gpus: bool) -> Dict[str, Any]:
+    """Run a plan's own ``execute(plan, out, data_root, {backbone: file}, executor)``; reproduce.json's shape."""
+    from .sweep_executors import make_executor
+    wmap: Dict[str, str] = {}
+    for w in weights:
+        if "=" not in w:
+            raise ReproduceError(f"{plan.name} uses several backbones: give --weights BACKBONE=FILE for each")
+        bb, path = w.split("=", 1)
+        if not Path(path).is_file():
+            raise ReproduceError(f"weights file for {bb} not found: {path}")
+        wmap[bb] = path
+    if not data_root.is_dir():
+        raise ReproduceError(f"--data-root {data_root} is not a folder")
+    executor = executor or make_executor(backend, workers, preload, use_gpus=use_gpus)
+    try:
+        summary = plan.execute(plan, out, data_root, wmap, executor)
+    except (FileNotFoundError, ValueError) as e:
+        raise ReproduceError(str(e)) from None
+    failed = {m["job"]: m.get("error") for m in summary.get("failed", [])}
+    state = {"plan": plan.name, "status": "failed" if failed else "done", "failed": failed}
+    from .sweep_jobs import _write_json
+    _write_json(out / REPRODUCE_FILE, state)
+    return state
 
 
 # -- results and the table ----------------------------------------------------------------------

@@ -86,7 +86,8 @@ def _main_wrapper(args) -> int:
 def add_commands(subparsers) -> None:
     r = subparsers.add_parser("reproduce", help="train the runs of a paper table and write it beside the paper's",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("table", help="table1, table2, table3, table4, table6, table7 or table8")
+    r.add_argument("table", help="table1, table2, table3, table4, table6, table7, table8, or a figure: fig1, fig2, "
+                                 "fig4, fig5, fig6, fig7, fig8, fig9")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run (e.g. train.epochs=1)")
     r.add_argument("--data-root", help="folder holding the benchmark's datasets in their documented layouts")
     r.add_argument("--weights", action="append", default=[], metavar="FILE|BACKBONE=FILE",

@@ -198,6 +198,11 @@ def run_sweep(config: Optional[str], overrides: Sequence[str] = (), *, grid: str
         check_same_run(job)
     if dry_run:
         return _dry_run(plan, seeds)
+    if not preload:  # a --preload module may register backbones this process does not know
+        from ..engine.trainer import check_model_config
+        for job in plan.trials:  # a misspelled backbone or missing weights file: before any trial
+            if job.cfg is not None:
+                check_model_config(job.cfg)
     if executor is None:
         base_device = next((j.cfg.device for j in plan.trials if j.cfg is not None), "auto")
         executor = make_executor(backend, workers, preload, use_gpus=base_device != "cpu",

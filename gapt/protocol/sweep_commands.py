@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ..config import ConfigError
+from ..config import ConfigError, config_file_hint
 
 BENCHMARKS = ("fgvc", "vtab")
 
@@ -13,9 +13,9 @@ DESCRIPTION = """\
 Search a grid on the val split, pick the best trial by val top-1, then train the final runs
 (data.final=true) with --seeds seeds and write sweep.json under the config's out.
 
-  gapt sweep --config cub.yaml weights=mae.pth data.root=/data/CUB_200_2011
-  gapt sweep --config dtd.yaml num_prompts=1,5,10,50,100 train.lr=0.1,0.5,1.0
-  gapt sweep --config cub.yaml --grid vpt --backend ray --ray-address auto --early-stop asha
+  gapt sweep --config fgvc/mae_vitb16/cub weights=mae.pth data.root=/data/CUB_200_2011
+  gapt sweep --config vtab/mae_vitb16/dtd num_prompts=1,5,10,50,100 train.lr=0.1,0.5,1.0
+  gapt sweep --config fgvc/mae_vitb16/cub --grid vpt --backend ray --ray-address auto --early-stop asha
   gapt sweep fgvc --root /data/fgvc --backbone mae_vitb16 --weights mae.pth
   gapt sweep vtab --root /data/vtab-1k --backbone mocov3_vitb16 --weights linear-vit-b-300ep.pth.tar
 
@@ -34,7 +34,7 @@ def cmd_sweep(args) -> int:
     bad = [i for i in items if "=" not in i]
     if bad:
         raise ConfigError(f"'{bad[0]}' is not KEY=VALUE" + (f" (benchmarks: {', '.join(BENCHMARKS)}, given first)"
-                                                            if bad[0] in BENCHMARKS else ""))
+                                                            if bad[0] in BENCHMARKS else config_file_hint(bad[0])))
     ray_options = {"address": args.ray_address, "cpus_per_trial": args.cpus_per_trial,
                    "asha_grace": args.asha_grace, "asha_reduction": args.asha_reduction}
     if args.backend != "ray":
@@ -71,10 +71,10 @@ def cmd_sweep(args) -> int:
                 print(f"  {t['name']:28s} {t['status']:8s} {' '.join(f'{k}={v}' for k, v in t['overrides'].items())}"
                       f"{'  ' + t['error'] if t.get('error') else ''}")
         return 0
-    failed = [t["name"] for t in state["trials"] if t["status"] == "failed"]
-    if failed:
-        print(f"{len(failed)} trial(s) failed: {', '.join(failed)} (errors in sweep.json)", file=sys.stderr)
-    return 0 if state["status"] == "done" else 1
+    failed = [t["name"] for t in state["trials"] + state.get("finals", []) if t.get("status") == "failed"]
+    if failed:  # exit non-zero so that schedulers and CI notice, after the summary
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)} (errors in sweep.json)", file=sys.stderr)
+    return 0 if state["status"] == "done" and not failed else 1
 
 
 def _stop_on_sigterm(signum, frame):
@@ -103,7 +103,7 @@ def add_commands(subparsers) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("items", nargs="*", metavar="[fgvc|vtab] KEY=VALUE",
                    help="overrides; KEY=a,b,c sweeps KEY. A first word fgvc or vtab sweeps a whole benchmark")
-    s.add_argument("--config", help="YAML config file (a preset such as gapt/configs/vtab/mae_vitb16/dtd.yaml)")
+    s.add_argument("--config", help="YAML config file, or a packaged preset by name (e.g. vtab/mae_vitb16/dtd; see `gapt presets`)")
     s.add_argument("--grid", default="spec", choices=["spec", "vpt", "none"],
                    help="preset grid: spec (lr, SPEC §6; default), vpt (lr x weight decay), none")
     s.add_argument("--seeds", type=int, default=3, help="final runs: seeds train.seed + 0..N-1 (0: no finals)")

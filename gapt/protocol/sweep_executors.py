@@ -22,8 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 from .. import config as C
 from ..engine.runfolder import RESULTS
-from .sweep_jobs import (ERROR_FILE, TRIAL_CONFIG, WORKER_LOG, Job, OnEnd, OnStart, SweepError, format_error,
-                         load_preload, localize_device, read_error, resolve_runner, write_error)
+from .sweep_jobs import (ERROR_FILE, TRIAL_CONFIG, WORKER_LOG, Job, OnEnd, OnStart, SweepError, call_target,
+                         format_error, load_preload, localize_device, read_error, resolve_runner, write_error)
 
 
 # -- executors ----------------------------------------------------------------------------------
@@ -40,8 +40,11 @@ class InlineExecutor:
         for job in jobs:
             on_start(job)
             try:
-                train = resolve_runner(job.runner) if job.runner else trainer.train
-                train(job.cfg, resume=job.resume)
+                if job.target:
+                    call_target(job.target, job.folder, job.resume)
+                else:
+                    train = resolve_runner(job.runner) if job.runner else trainer.train
+                    train(job.cfg, resume=job.resume)
             except Exception as e:  # a failed run is recorded; the sweep goes on
                 write_error(job.folder, format_error(e), traceback.format_exc())
                 on_end(job, "failed", format_error(e))
@@ -107,6 +110,8 @@ class ProcessExecutor:
 
     def command(self, job: Job) -> List[str]:
         cmd = [self.python, "-m", "gapt.protocol.sweep_executors", "--worker", str(job.folder / TRIAL_CONFIG)]
+        if job.target:
+            cmd += ["--target", job.target]
         if job.resume:
             cmd.append("--resume")
         if job.runner:
@@ -235,6 +240,7 @@ def _worker_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--preload", action="append", default=[])
     p.add_argument("--runner", default="", help="module:function that trains the config (default: the trainer)")
+    p.add_argument("--target", help="module:function to run on the job folder instead of training")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     folder = Path(args.worker).parent
@@ -243,6 +249,9 @@ def _worker_main(argv: Optional[List[str]] = None) -> int:
         import torch
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.target:
+            call_target(args.target, folder, args.resume)
+            return 0
         cfg = C.load_config(args.worker)
         cfg = localize_device(dataclasses.replace(cfg, out=str(folder)), os.environ.get("GAPT_SWEEP_GPU") == "1")
         train = resolve_runner(args.runner)

@@ -48,6 +48,9 @@ class Job:
     resume: bool = False
     started: float = 0.0
     runner: str = ""                  # "module:function" that trains cfg; "" = the classification trainer
+    # Not a training run: "module:function" called as function(folder, resume=...) (e.g. a DIP
+    # reconstruction); done when it has written results.json into its folder.
+    target: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -127,7 +130,7 @@ def run_numbers(folder: Path, finished: bool = True) -> Dict[str, Any]:
                 continue
             if "val_top1" in rec:
                 vals.append(rec["val_top1"])
-            epochs = max(epochs, int(rec.get("epoch", -1)) + 1)
+            epochs = max(epochs, int(rec.get("epoch", 0)))  # epochs count from 1 in metrics.jsonl
     return {"val_top1": max(vals) if vals else None, "test_top1": None, "epochs_run": epochs}
 
 
@@ -175,6 +178,15 @@ def localize_device(cfg: C.RunConfig, gpu_assigned: bool) -> C.RunConfig:
     if gpu_assigned and cfg.device.startswith("cuda:"):
         return dataclasses.replace(cfg, device="cuda")
     return cfg
+
+
+def call_target(target: str, folder: Path, resume: bool) -> None:
+    """Run a non-training job: ``module:function`` called as ``function(folder, resume=resume)``."""
+    module, _, name = target.partition(":")
+    fn = getattr(importlib.import_module(module), name, None)
+    if fn is None:
+        raise SweepError(f"job target {target!r}: no function {name!r} in module {module}")
+    fn(Path(folder), resume=resume)
 
 
 def load_preload(items: Sequence[str]) -> None:

@@ -32,7 +32,8 @@ except ImportError as e:  # the message gapt sweep shows
 from .. import config as C
 from ..engine.runfolder import METRICS, RESULTS
 from .sweep_jobs import (ERROR_FILE, STOPPED_FILE, TRIAL_CONFIG, WORKER_LOG, Job, OnEnd, OnStart, _write_json,
-                         format_error, load_preload, localize_device, read_error, run_numbers, write_error)
+                         call_target, format_error, load_preload, localize_device, read_error, run_numbers,
+                         write_error)
 
 log = logging.getLogger("gapt.sweep")
 
@@ -43,7 +44,7 @@ def _held_back_epochs(cfg: C.RunConfig) -> int:
 
 
 def _report_line(rec: Dict[str, Any]) -> Dict[str, Any]:
-    out = {"epoch": int(rec["epoch"]) + 1}
+    out = {"epoch": int(rec["epoch"])}  # 1-based in metrics.jsonl, as ASHA's time attribute wants
     for k, v in rec.items():
         if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = v
@@ -68,6 +69,13 @@ def gapt_trainable(config: Dict[str, Any], specs: Dict[str, Dict[str, Any]]) -> 
         gpu = resources.get("GPU", 0) > 0
         if not gpu:
             torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+        if spec.get("target"):  # not a training run: no per-epoch metrics to report
+            try:
+                call_target(spec["target"], folder, spec["resume"])
+            finally:
+                handler.close()
+                gapt_log.removeHandler(handler)
+            return
         cfg = C.load_config(str(folder / TRIAL_CONFIG))
         cfg = localize_device(dataclasses.replace(cfg, out=str(folder)), gpu)
     except Exception as e:
@@ -86,13 +94,13 @@ def gapt_trainable(config: Dict[str, Any], specs: Dict[str, Dict[str, Any]]) -> 
 
     worker = threading.Thread(target=run, name="gapt-train", daemon=True)
     worker.start()
-    reported = -1
-    last_epoch = cfg.train.epochs - 1
+    reported = 0
+    last_epoch = cfg.train.epochs  # metrics.jsonl numbers epochs from 1
     held: Optional[Dict[str, Any]] = None
     while True:
         alive = worker.is_alive()
         for rec in _read_metrics(folder):
-            if rec.get("epoch", -1) <= reported or "val_top1" not in rec:
+            if rec.get("epoch", 0) <= reported or "val_top1" not in rec:
                 continue
             reported = rec["epoch"]
             if rec["epoch"] >= last_epoch:
@@ -210,7 +218,7 @@ class RayExecutor:
     def _run(self, jobs: List[Job], on_start: OnStart, on_end: OnEnd, early_stop: bool) -> None:
         by_name = {j.name: j for j in jobs}
         specs = {j.name: {"folder": str(j.folder.resolve()), "resume": j.resume, "cwd": os.getcwd(),
-                          "preload": self.preload} for j in jobs}
+                          "preload": self.preload, "target": j.target} for j in jobs}
         ended: set = set()
 
         def start(trial) -> None:

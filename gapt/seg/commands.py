@@ -5,7 +5,7 @@ import json
 import sys
 
 SEG_EPILOG = ("Config keys: KEY=VALUE overrides, e.g. data.root=/data/ADEChallengeData2016 train.iterations=80000; "
-              "see `gapt keys`. Presets: gapt/configs/ade20k/{mae_vitb16,mocov3_vitb16}.yaml. Without --config "
+              "see `gapt keys`. Presets: --config ade20k/mae_vitb16 or ade20k/mocov3_vitb16. Without --config "
               "the SETR-PUP ADE20K recipe is the default: data.format=ade20k, train.iterations=160000, "
               "train.eval_every=16000, train.batch_size=16, train.lr=0.001.")
 # What `gapt seg train` starts from, under the YAML file and the overrides: the classification
@@ -15,7 +15,7 @@ SEG_DEFAULTS = {"data": {"format": "ade20k"},
 
 
 def cmd_seg_train(args) -> int:
-    from ..cli_support import resume_hint_on_interrupt
+    from ..cli_support import finished_and_not_forced, resume_hint_on_interrupt
     from ..config import load_config
     from ..engine.run import config_for_resume
     from .train import train_seg
@@ -25,8 +25,11 @@ def cmd_seg_train(args) -> int:
         if args.config or args.overrides:
             raise SystemExit("gapt seg train: --resume continues a run with its saved config.yaml; "
                              "drop --config and KEY=VALUE overrides")
+        cfg = config_for_resume(args.resume)
+        if finished_and_not_forced(args, "gapt seg train"):
+            return 0
         with resume_hint_on_interrupt(args.resume, "gapt seg train"):
-            results = train_seg(config_for_resume(args.resume), resume=True, **kw)
+            results = train_seg(cfg, resume=True, **kw)
     else:
         cfg = load_config(args.config, args.overrides, base=SEG_DEFAULTS)
         with resume_hint_on_interrupt(cfg.out, "gapt seg train"):
@@ -85,7 +88,7 @@ def cmd_seg_predict(args) -> int:
 
 def add_commands(subparsers) -> None:
     """Add `gapt seg ...` to the gapt command line (see gapt.cli.COMMAND_MODULES)."""
-    from ..cli_support import add_run_override_args
+    from ..cli_support import add_resume_args, add_run_override_args
     seg = subparsers.add_parser("seg", help="semantic segmentation (ADE20K, SETR-PUP heads): train, eval, predict",
                                 epilog=SEG_EPILOG)
     sub = seg.add_subparsers(dest="seg_command", metavar="SEG_COMMAND")
@@ -93,8 +96,8 @@ def add_commands(subparsers) -> None:
 
     t = sub.add_parser("train", help="train prompts/gates/temperatures + SETR-PUP heads (iteration-based)",
                        epilog=SEG_EPILOG)
-    t.add_argument("--config", help="YAML config file (e.g. gapt/configs/ade20k/mae_vitb16.yaml)")
-    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
+    t.add_argument("--config", help="YAML config file, or a packaged preset by name (e.g. ade20k/mae_vitb16)")
+    add_resume_args(t)
     t.add_argument("--multi-scale", action="store_true", help="also evaluate multi-scale + flip at the end (mIoU_ms)")
     t.add_argument("--log-every", type=int, default=None, metavar="N",
                    help="iterations per metrics line, besides every evaluation (default 50; a resumed run "
@@ -108,7 +111,7 @@ def add_commands(subparsers) -> None:
 
     e = sub.add_parser("eval", help="mIoU / mAcc / aAcc (+ per class) of a finished run; updates results.json")
     e.add_argument("run")
-    e.add_argument("--split", default="val", choices=["val", "train"])
+    e.add_argument("--split", default="val", choices=["val", "train"], help="the split to evaluate (default: val)")
     e.add_argument("--multi-scale", action="store_true",
                    help="also ratios 0.5-1.75 + flip, each resized from the original image (mIoU_ms)")
     e.add_argument("--per-class", action="store_true", help="print every class's IoU and accuracy")

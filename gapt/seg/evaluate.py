@@ -125,6 +125,8 @@ def load_seg_run(run_dir: str, weights: Optional[str] = "__config__", overrides:
         raise rf.RunFolderError(f"{run_dir} has no {rf.TUNED} yet (is the run finished? continue it with "
                                 f"`gapt seg train --resume {run_dir}`)")
     cfg = C.load_config(str(run / rf.CONFIG), list(overrides))
+    if weights == "__config__":
+        rf.check_run_weights(run_dir, cfg.weights)
     model, _ = load_seg_model(run / rf.TUNED, cfg, cfg.weights if weights == "__config__" else weights)
     results = rf.read_json(run / rf.RESULTS) if (run / rf.RESULTS).exists() else {}
     return cfg, model, results

@@ -35,7 +35,7 @@ from ..engine import distributed as dist
 from ..engine import runfolder as rf
 from ..engine.precision import precision_record, precision_scope
 from ..engine.progress import Progress
-from ..engine.run import Run, in_process_group, seed_everything
+from ..engine.run import Run, check_model_config, in_process_group, seed_everything
 from .evaluate import evaluate_seg, write_eval_file
 from .head import SegmentationModel, seg_loss
 from .model import build_seg_model, save_seg_tuned, seg_tuned_state, set_seg_tuned_state
@@ -115,6 +115,7 @@ def train_seg(cfg: C.RunConfig, resume: bool = False, multi_scale: bool = False,
     would (``{"stopped_after": it}``).
     """
     check_seg_config(cfg)
+    check_model_config(cfg, size_key="crop_size")
     return in_process_group(cfg, lambda device: _train_seg(Run(cfg, device, resume, "gapt seg train"), multi_scale,
                                                            log_every, save_every, stop_after))
 
@@ -203,7 +204,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
             evaluate_now = iteration == t.iterations or (eval_every > 0 and iteration % eval_every == 0)
             if evaluate_now or iteration % log_every == 0:
                 loss_sum, iters = dist.all_sum([pending["loss_sum"], pending["iters"]], device)
-                record = {"iteration": iteration, "epoch": epoch, "loss": loss_sum / max(iters, 1), "lr": lr,
+                record = {"iteration": iteration, "epoch": epoch + 1, "loss": loss_sum / max(iters, 1), "lr": lr,
                           "images_per_s": pending["images"] / max(pending["time"], 1e-9)}
                 pending = {"loss_sum": 0.0, "images": 0, "iters": 0, "time": 0.0}
                 if evaluate_now:
