@@ -1,7 +1,7 @@
 """linear_probe_cache: linear probing on cached pooled features vs re-running the frozen backbone every epoch.
 
 Both paths train the head with the engine's ``train_one_epoch`` for the same number of epochs
-over the same images. The cached path first runs the engine's ``precompute_prefix`` (for
+over the same images. The cached path first runs the engine's ``precompute_frozen`` (for
 ``method=linear`` that is the backbone's pooled features, once) and its time counts in the
 cached total; the baseline runs the backbone in every epoch.
 """
@@ -27,7 +27,7 @@ def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optio
         batch: Optional[int] = None, image_size: Optional[int] = None, repeats: Optional[int] = None,
         **_) -> List[Result]:
     from gapt.engine.schedule import LRSchedule
-    from gapt.engine.trainer import precompute_prefix, train_one_epoch
+    from gapt.engine.trainer import precompute_frozen, train_one_epoch
 
     device = device or resolve_device()
     clock = clock or Clock("cpu", device)
@@ -57,8 +57,8 @@ def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optio
     def cached_features():
         with quiet():
             model.eval()
-            features = precompute_prefix(model, data, batch, device, amp, "cache features")
-            train(model.forward_from_prefix, features)
+            features = precompute_frozen(model, data, batch, device, amp, "cache features")
+            train(model.forward_from_frozen, features)
 
     with torch.no_grad():  # one forward first, so neither path pays for first-call set-up
         model.eval()(data.tensors[0][:batch].to(device))

@@ -27,7 +27,7 @@ import torch
 
 from benchmarks._common import Result, arg_parser, resolve_device, setup
 
-BENCHMARKS = ("train_step", "eval_throughput", "prefix_cache", "linear_probe_cache", "vtab_data_path",
+BENCHMARKS = ("train_step", "eval_throughput", "frozen_cache", "linear_probe_cache", "vtab_data_path",
               "fgvc_data_path", "memory", "protocol")
 
 

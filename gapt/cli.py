@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
 import warnings
-from pathlib import Path
 from typing import List, Optional
+
+from .cli_support import (add_resume_args, add_run_override_args, finished_and_not_forced,
+                          resume_hint_on_interrupt, run_overrides)
 
 EPILOG = ("Config keys (train, sweep, seg train): KEY=VALUE overrides, e.g. train.lr=0.5 method=gated; see `gapt keys`. "
           "Curves: train.logger=auto (TensorBoard under RUN/tb/ when installed) | tensorboard | wandb | none.")
@@ -31,7 +32,8 @@ def _warning_to_log(message, category, filename, lineno, file=None, line=None) -
 # -- commands -----------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from .config import load_config
-    from .engine.trainer import config_for_resume, train
+    from .engine.run import config_for_resume
+    from .engine.trainer import train
     if args.resume:
         if args.config or args.overrides:
             raise SystemExit("gapt train: --resume continues a run with its saved config.yaml; "
@@ -46,54 +48,6 @@ def cmd_train(args) -> int:
     with resume_hint_on_interrupt(cfg.out, "gapt train"):
         train(cfg)
     return 0
-
-
-def finished_and_not_forced(args, command: str) -> bool:
-    """--resume on a finished run: say so (True) unless --force-eval asks to evaluate it again."""
-    from .engine.runfolder import is_finished
-    if not is_finished(args.resume) or args.force_eval:
-        return False
-    print(f"{command}: {args.resume} is finished (results.json written); nothing to resume. "
-          f"--force-eval evaluates it again", file=sys.stderr)
-    return True
-
-
-def add_resume_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
-    parser.add_argument("--force-eval", action="store_true",
-                        help="with --resume on a finished run: run its final evaluation again")
-
-
-@contextlib.contextmanager
-def resume_hint_on_interrupt(out, command: str):
-    """On Ctrl-C (or a scheduler's SIGINT), say what the run folder holds and how to continue."""
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        from .engine.distributed import is_main
-        from .engine.runfolder import resume_hint
-        if is_main():
-            print(f"{command}: interrupted; {resume_hint(Path(out), command)}", file=sys.stderr)
-        e.reported = True
-        raise
-
-
-def add_run_override_args(parser: argparse.ArgumentParser, data_root: bool = True) -> None:
-    """--device, --weights (and --data-root) of the commands that use a finished run; see run_overrides."""
-    parser.add_argument("--device", help="instead of the run's (auto | cpu | cuda | cuda:N)")
-    parser.add_argument("--weights", metavar="PATH", help="the backbone checkpoint, if it moved since training")
-    if data_root:
-        parser.add_argument("--data-root", help="the dataset's folder, if it moved since training")
-
-
-def run_overrides(args) -> List[str]:
-    """--device / --weights / --data-root of eval and predict, as overrides of the run's saved config."""
-    out = [f"device={args.device}"] if args.device else []
-    if getattr(args, "weights", None):
-        out.append(f"weights={args.weights}")
-    if getattr(args, "data_root", None):
-        out.append(f"data.root={args.data_root}")
-    return out
 
 
 def cmd_eval(args) -> int:
@@ -262,7 +216,7 @@ COMMAND_MODULES: List[str] = ["gapt.protocol.analyze_commands", "gapt.seg.comman
 # Errors that are the user's to fix: printed in one line, no traceback. Those defined in heavy
 # modules are looked up only if their module was imported (else they cannot have been raised).
 USER_ERRORS = [("gapt.config", "ConfigError"), ("gapt.model.checkpoints", "CheckpointError"),
-               ("gapt.engine.runfolder", "RunFolderError"), ("gapt.engine.trainer", "TrainingDiverged")]
+               ("gapt.engine.runfolder", "RunFolderError"), ("gapt.engine.run", "TrainingDiverged")]
 
 
 def user_errors() -> tuple:

@@ -15,6 +15,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .method import GATE_TYPES, METHODS, POOLINGS, PROMPT_INITS, MethodSettings
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key or value."""
@@ -70,19 +72,10 @@ class TrainConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(MethodSettings):
+    """The method's keys (method, num_prompts, gate_init, ...: gapt.method.MethodSettings) and the run's."""
     backbone: str = "mae_vitb16"
     weights: Optional[str] = None   # checkpoint path, "timm" (hub), or null (random backbone)
-    method: str = "gated"
-    num_prompts: int = 100
-    gate_init: float = 10.0
-    gate_type: str = "soft"         # soft: g = sigmoid(gamma) | hard: 0/1 gates, Gumbel-Sigmoid straight-through (SPEC §9)
-    gate_temperature: float = 1.0   # hard gates: the Gumbel-Sigmoid temperature t
-    learn_temperature: bool = False
-    insert_at_block: int = 1
-    prompt_init: str = "random"     # random | prototype
-    prompt_dropout: float = 0.1
-    pooling: str = ""               # "" = the backbone's pretraining rule (mean | cls | img | prompt | mean_normed)
     image_size: int = 224
     crop_size: int = 512            # segmentation: training crop and sliding window
     data: DataConfig = field(default_factory=DataConfig)
@@ -93,10 +86,10 @@ class RunConfig:
 
 # Allowed values for string keys that take one of a fixed set; checked in validate().
 CHOICES = {
-    "method": ["linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated"],
-    "prompt_init": ["random", "prototype"],
-    "gate_type": ["soft", "hard"],
-    "pooling": ["", "mean", "cls", "img", "prompt", "mean_normed"],
+    "method": list(METHODS),
+    "prompt_init": list(PROMPT_INITS),
+    "gate_type": list(GATE_TYPES),
+    "pooling": ["", *POOLINGS],
     "data.format": ["fgvc", "vtab", "folder", "csv", "shapes", "ade20k", "seg_folder"],
     "data.cache": ["memory", "disk", "none"],
     "data.vtab_resize": ["tf_bilinear", "antialias"],
@@ -149,7 +142,7 @@ def _comment_help() -> dict:
     import inspect
     import re
     out = {}
-    for cls, prefix in ((RunConfig, ""), (DataConfig, "data."), (TrainConfig, "train.")):
+    for cls, prefix in ((MethodSettings, ""), (RunConfig, ""), (DataConfig, "data."), (TrainConfig, "train.")):
         try:
             source = inspect.getsource(cls)
         except (OSError, TypeError):  # no source shipped: descriptions come from KEY_HELP only
@@ -341,3 +334,35 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def to_dict(cfg: RunConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+# Keys that never change what a run computes (where it is written, where its inputs are read
+# from, how fast it goes): a run folder found again with other values here holds the same run.
+RUN_FREE_KEYS = ("out", "device", "weights", "data.root", "data.num_workers", "data.cache", "data.cache_dir",
+                 "train.eval_batch_size")
+
+
+def flat_dict(cfg: Any) -> dict:
+    """A RunConfig (or a nested dict) as ``{"train.lr": 0.1, ...}``."""
+    out: dict = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+    walk(cfg if isinstance(cfg, dict) else to_dict(cfg), "")
+    return out
+
+
+def run_differences(saved: Any, wanted: Any, free_keys=RUN_FREE_KEYS) -> dict:
+    """``{key: (saved value, wanted value)}`` for the keys, other than ``free_keys``, in which two
+    configs (RunConfigs or nested dicts) differ; empty when they describe the same run."""
+    old, new = flat_dict(saved), flat_dict(wanted)
+    return {k: (old.get(k), v) for k, v in new.items() if k not in free_keys and old.get(k) != v}
+
+
+def same_run(saved: Any, wanted: Any, free_keys=RUN_FREE_KEYS) -> bool:
+    """Whether a run folder's saved config and the wanted one give the same run (see run_differences)."""
+    return not run_differences(saved, wanted, free_keys)

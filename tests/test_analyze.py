@@ -1,4 +1,4 @@
-"""`gapt analyze gates | attention | insertion` on tiny runs trained here, and the prefix cache."""
+"""`gapt analyze gates | attention | insertion` on tiny runs trained here, and the frozen-block cache."""
 import json
 import math
 
@@ -227,14 +227,14 @@ def test_attention_rows_per_model_frozen_first(runs, image_file, tmp_path):
     assert md.count("| 3 |") == 3
 
 
-# -- insertion sweep and the prefix cache -----------------------------------------------------
+# -- insertion sweep and the frozen-block cache------------------------------------------------
 @pytest.mark.parametrize("learn_temperature", [False, True])
-def test_cached_prefix_logits_equal_uncached(learn_temperature, images):
+def test_cached_frozen_blocks_logits_equal_uncached(learn_temperature, images):
     for k in range(1, DEPTH + 1):
         model = tiny_model(method="vpt-at-block", insert_at_block=k, learn_temperature=learn_temperature)
-        assert model.frozen_prefix_blocks == (0 if learn_temperature else k - 1)
+        assert model.frozen_leading_blocks == (0 if learn_temperature else k - 1)
         with torch.no_grad():
-            torch.testing.assert_close(model.forward_from_prefix(model.frozen_prefix(images)), model(images),
+            torch.testing.assert_close(model.forward_from_frozen(model.frozen_features(images)), model(images),
                                        atol=1e-5, rtol=1e-5)
 
 
@@ -252,7 +252,7 @@ def test_insertion_sweep(tmp_path, capsys):
         assert r["test_top1"] == results["metrics"]["test_top1"]
         assert r["status"] == "trained"
         # the engine computed blocks 1..k-1 once (un-augmented data), so run k trains blocks k..L only
-        assert r["prefix_cache_blocks"] == r["block"] - 1
+        assert r["frozen_cache_blocks"] == r["block"] - 1
     assert "| 3 |" in printed and "cached frozen blocks" in printed
 
     # a second sweep skips finished runs and keeps what the first one saw of the cache
@@ -264,7 +264,7 @@ def test_insertion_sweep(tmp_path, capsys):
             assert not jobs, "a finished run was trained again"
     again = insertion_sweep(load_config(None, SMALL_RUN + [f"out={out}"]), executor=NoTraining())
     assert [r["status"] for r in again["runs"]] == ["skipped (finished)"] * DEPTH
-    assert [r["prefix_cache_blocks"] for r in again["runs"]] == [0, 1, 2, 3]
+    assert [r["frozen_cache_blocks"] for r in again["runs"]] == [0, 1, 2, 3]
 
     # the same folder with another config is an error naming the key
     with pytest.raises(ValueError, match="num_prompts"):
@@ -279,7 +279,7 @@ def test_insertion_sweep_resumes_unfinished(tmp_path):
     train(insertion_config(cfg, 4), stop_after_epoch=0)  # as if killed after epoch 0
     summary = insertion_sweep(cfg, blocks=[4])
     (row,) = summary["runs"]
-    assert row["status"] == "resumed" and row["prefix_cache_blocks"] == 3
+    assert row["status"] == "resumed" and row["frozen_cache_blocks"] == 3
     metrics = [json.loads(line) for line in (tmp_path / "s" / "insert_4" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
     with pytest.raises(ValueError, match="blocks 1..4"):

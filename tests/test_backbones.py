@@ -253,7 +253,7 @@ def test_dinov3_prompt_methods_equal_the_equations(tmp_path, images, method, ext
         expected = eva_reference(model, images, method)
         assert torch.allclose(model(images), expected, atol=1e-5)
         if method == "vpt-at-block":  # the frozen-prefix cache runs the prompt-free blocks with RoPE too
-            assert torch.allclose(model.forward_from_prefix(model.frozen_prefix(images)), expected, atol=1e-5)
+            assert torch.allclose(model.forward_from_frozen(model.frozen_features(images)), expected, atol=1e-5)
         maps = model.attention_maps(images)
         assert len(maps) == DEPTH and maps[-1].shape[-1] == 1 + REG + NP + 16
     # gates and temperatures learn

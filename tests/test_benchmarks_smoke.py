@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import (eval_throughput, fgvc_data_path, linear_probe_cache, memory, prefix_cache,  # noqa: E402
+from benchmarks import (eval_throughput, fgvc_data_path, linear_probe_cache, memory, frozen_cache,  # noqa: E402
                         protocol, run_all, train_step, vtab_data_path)
 from benchmarks._common import Clock, Result, paired  # noqa: E402
 from benchmarks.naive_reference import NaiveGatedViT, check_equal  # noqa: E402
@@ -134,12 +134,12 @@ def test_eval_throughput(bf16):
     assert ("bf16 autocast" in r.detail) == bf16
 
 
-def test_prefix_cache():
-    results = prefix_cache.run(backbone=TINY, insert_at_block=[3, 2], num_prompts=2, num_images=4, batch=2,
+def test_frozen_cache():
+    results = frozen_cache.run(backbone=TINY, insert_at_block=[3, 2], num_prompts=2, num_images=4, batch=2,
                                repeats=1, device=CPU)
-    r = _ok(results, "prefix_cache")
+    r = _ok(results, "frozen_cache")
     assert r.target == pytest.approx(4 / (4 - 3 + 1) * 0.8)
-    assert results[1].name == "prefix_cache_k2" and results[1].target == pytest.approx(4 / (4 - 2 + 1) * 0.8)
+    assert results[1].name == "frozen_cache_k2" and results[1].target == pytest.approx(4 / (4 - 2 + 1) * 0.8)
 
 
 def test_linear_probe_cache():

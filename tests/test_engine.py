@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from gapt.cli import main
 from gapt.config import ConfigError, load_config
 from gapt.engine.schedule import LRSchedule
-from gapt.engine.trainer import TrainingDiverged, train
+from gapt.engine.run import TrainingDiverged
+from gapt.engine.trainer import train
 
 TINY = ["backbone=test_mae_tiny", "weights=null", "image_size=32", "num_prompts=2", "data.num_workers=0",
         "device=cpu", "train.batch_size=8", "train.warmup_epochs=1"]
@@ -261,7 +262,7 @@ def test_schedules(mode):
                                                             ("cuda", None, "cuda:0"), ("cuda:2", "1", "cuda:2")])
 def test_each_torchrun_process_gets_its_own_gpu(monkeypatch, setting, local_rank, expected):
     """No GPU here: torch.cuda is faked, to check which device each process picks and makes current."""
-    from gapt.engine.trainer import resolve_device
+    from gapt.engine.run import resolve_device
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(str(d)))
@@ -348,7 +349,8 @@ DDP_NAN_SCRIPT = r"""
 import os, sys
 import torch.nn.functional as F
 from gapt.config import load_config
-from gapt.engine.trainer import TrainingDiverged, train
+from gapt.engine.run import TrainingDiverged
+from gapt.engine.trainer import train
 if os.environ["RANK"] == "1":  # only this process sees a non-finite loss, at its third training step
     real, calls = F.cross_entropy, []
     def cross_entropy(*a, **k):

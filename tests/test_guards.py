@@ -29,9 +29,9 @@ def test_linear_probe_cached_equals_uncached(tmp_path, monkeypatch):
     over = [*TINY, "method=linear", "train.epochs=2", "train.lr=0.5"]
     cached = train(load_config(None, over + [f"out={tmp_path / 'cached'}"]))
     from gapt.model import PromptedViT
-    monkeypatch.setattr(PromptedViT, "frozen_prefix_blocks", property(lambda self: 0))  # no feature cache
+    monkeypatch.setattr(PromptedViT, "frozen_leading_blocks", property(lambda self: 0))  # no feature cache
     plain = train(load_config(None, over + [f"out={tmp_path / 'plain'}"]))
-    assert cached["prefix_cache_blocks"] == 4 and plain["prefix_cache_blocks"] == 0
+    assert cached["frozen_cache_blocks"] == 4 and plain["frozen_cache_blocks"] == 0
     a, b = load_file(tmp_path / "cached" / "tuned.safetensors"), load_file(tmp_path / "plain" / "tuned.safetensors")
     assert set(a) == set(b) == {"head.weight", "head.bias"}
     assert not torch.allclose(a["head.weight"], torch.zeros_like(a["head.weight"]))

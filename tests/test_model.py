@@ -231,13 +231,13 @@ def test_attention_maps_are_softmax_with_temperature(images):
         assert torch.allclose(got, want, atol=1e-6), block
 
 
-def test_frozen_prefix_cache_gives_same_logits(images):
+def test_frozen_features_cache_gives_same_logits(images):
     for method, k in [("vpt-at-block", 3), ("linear", 1)]:
         model = tiny_model(method=method, insert_at_block=k)
-        prefix = model.frozen_prefix(images)
-        assert torch.allclose(model.forward_from_prefix(prefix), model(images), atol=1e-6)
-    assert tiny_model(method="vpt-at-block", insert_at_block=3).frozen_prefix_blocks == 2
-    assert tiny_model(method="vpt-at-block", insert_at_block=3, learn_temperature=True).frozen_prefix_blocks == 0
+        prefix = model.frozen_features(images)
+        assert torch.allclose(model.forward_from_frozen(prefix), model(images), atol=1e-6)
+    assert tiny_model(method="vpt-at-block", insert_at_block=3).frozen_leading_blocks == 2
+    assert tiny_model(method="vpt-at-block", insert_at_block=3, learn_temperature=True).frozen_leading_blocks == 0
 
 
 def test_grad_checkpointing_gives_same_gradients(images):

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from conftest import tiny_model
-from gapt.protocol.prototype import init_prompts_from_prototypes, kmeans, lloyd
+from gapt.engine.prototype import init_prompts_from_prototypes, kmeans, lloyd
 
 NUM_IMAGES = 12  # of 20; each 32x32 image gives 16 patch tokens -> 192 points
 

@@ -264,7 +264,7 @@ def test_reproduce_modules_do_not_import_torch_at_top_level():
         names += [node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)]
         assert not [n for n in names if n.split(".")[0] in ("torch", "timm")], rel
         relative = [node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level]
-        assert set(relative) <= {None, "config", "paper", "reproduce"}, (rel, relative)
+        assert set(relative) <= {None, "config", "method", "paper", "reproduce"}, (rel, relative)
 
 
 def test_table6_runs_segmentation_through_the_sweep_executor(tmp_path, monkeypatch, capsys):

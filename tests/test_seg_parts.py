@@ -84,7 +84,7 @@ def test_ade20k_reader_reduces_zero_label(ade_root):
 
 
 def test_folder_reader_keeps_labels(folder_root):
-    train, val = build_seg_datasets("folder", folder_root, SegTrainPipeline(crop_size=16, scale=(64, 16)),
+    train, val = build_seg_datasets("seg_folder", folder_root, SegTrainPipeline(crop_size=16, scale=(64, 16)),
                                     SegEvalPipeline(scale=None))
     assert train.class_names == ["sky", "road", "car"] and train.num_classes == 3 and len(val) == 2
     raw = np.array(Image.open(val.samples[1][1]))
@@ -109,16 +109,16 @@ def test_missing_folder_named(tmp_path, ade_root, folder_root):
     with pytest.raises(SegDataError, match=r"mask folder not found: .*annotations[/\\]validation"):
         build_ade20k(ade_root, "validation")
     with pytest.raises(SegDataError, match=r"image folder not found: .*images[/\\]test"):
-        build_seg_datasets("folder", folder_root, val_split="test")
+        build_seg_datasets("seg_folder", folder_root, val_split="test")
     with pytest.raises(SegDataError, match="split must be one of"):
         build_ade20k(ade_root, "testing")
     with pytest.raises(SegDataError, match="unknown segmentation data format 'coco'"):
         build_seg_datasets("coco", folder_root)
     with pytest.raises(SegDataError, match="class-name file not found: .*nope.txt"):
-        build_seg_datasets("folder", folder_root, classes_file="nope.txt")
+        build_seg_datasets("seg_folder", folder_root, classes_file="nope.txt")
     (folder_root / "dup.txt").write_text("a\nb\na\n")
     with pytest.raises(SegDataError, match="lists 'a' twice"):
-        build_seg_datasets("folder", folder_root, classes_file="dup.txt")
+        build_seg_datasets("seg_folder", folder_root, classes_file="dup.txt")
 
 
 def test_image_without_annotation(ade_root):
@@ -156,7 +156,7 @@ def test_label_out_of_range(ade_root, folder_root):
     m[1, 1] = 3
     Image.fromarray(m).save(folder_root / "masks" / "train" / "img0.png")
     with pytest.raises(SegDataError, match=r"img0\.png holds label value 3, out of range for num_classes=3"):
-        build_seg_datasets("folder", folder_root)
+        build_seg_datasets("seg_folder", folder_root)
 
 
 def test_dataset_arguments_checked(folder_root):

@@ -17,7 +17,8 @@ from gapt.config import load_config
 from gapt.model.checkpoints import resize_pos_embed
 from gapt.seg.data import build_folder_seg
 from gapt.seg.evaluate import evaluate_seg
-from gapt.seg.train import build_seg_model, eval_pipeline
+from gapt.seg.model import build_seg_model
+from gapt.seg.recipe import eval_pipeline
 
 MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])

@@ -14,14 +14,18 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import gapt.seg.model as seg_model
+import gapt.seg.recipe as seg_recipe
 import gapt.seg.train as seg_train
 from gapt.cli import main
 from gapt.config import load_config
+from gapt.engine.run import seed_everything
 from gapt.engine.runfolder import read_metrics
 from gapt.protocol.report import build_report, collect_runs
 from gapt.seg.evaluate import evaluate_seg, load_seg_run
-from gapt.seg.train import (aux_blocks_for_depth, backbone_checksum, build_seg_model, poly_lr, seg_dataset,
-                            slide_stride, train_scale, train_seg)
+from gapt.seg.model import aux_blocks_for_depth, backbone_checksum, build_seg_model
+from gapt.seg.recipe import seg_dataset, slide_stride, train_scale
+from gapt.seg.train import poly_lr, train_seg
 
 H, W = 48, 40
 COLOURS = {0: (0, 0, 0), 1: (200, 40, 40), 2: (40, 200, 40), 3: (40, 40, 200)}
@@ -218,10 +222,10 @@ def test_report_shows_paper_number(trained_run, tmp_path, capsys):
 def test_only_prompts_gates_temperatures_and_heads_change(ade_root, tmp_path, narrow_heads):
     # gate_init=0: the first updates of a gate logit are far below float32 resolution at -10
     cfg = load_config(None, overrides(ade_root, tmp_path / "run", learn_temperature="true", gate_init=0))
-    seg_train.seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     fresh = build_seg_model(cfg, 150)
     train_seg(cfg)
-    trained, meta = seg_train.load_seg_model(tmp_path / "run" / "tuned.safetensors", cfg)
+    trained, meta = seg_model.load_seg_model(tmp_path / "run" / "tuned.safetensors", cfg)
     assert meta["backbone_checksum"] == backbone_checksum(fresh)
     before, after = fresh.state_dict(), trained.state_dict()
     assert set(before) == set(after)
@@ -270,7 +274,7 @@ def test_eval_shards_count_every_image_once(trained_run, ade_root, monkeypatch):
     import gapt.engine.distributed as dist
     import gapt.seg.evaluate as ev
     cfg, model, _ = load_seg_run(str(trained_run))
-    train_images = seg_dataset(cfg, "train", seg_train.eval_pipeline(cfg.crop_size))  # 4 images: 2 per rank
+    train_images = seg_dataset(cfg, "train", seg_recipe.eval_pipeline(cfg.crop_size))  # 4 images: 2 per rank
     captured = []
     monkeypatch.setattr(ev, "reduce_confusion", lambda cm: captured.append(cm.clone()) or cm)
     whole = evaluate_seg(model, train_images, cfg.crop_size, torch.device("cpu"))
@@ -331,7 +335,7 @@ def test_every_method_segments(method, extra):
     tuned = [n for n, p in model.encoder.named_parameters() if p.requires_grad]
     assert all(model.encoder.get_parameter(n).grad is not None for n in tuned)
     assert model.eval()(x).shape == (2, 150, 40, 24)
-    state = seg_train.seg_tuned_state(model)
+    state = seg_model.seg_tuned_state(model)
     assert not any(k.startswith("encoder.head") for k in state)
     assert {k[len("encoder."):] for k in state if k.startswith("encoder.")} == set(tuned)
 
@@ -340,7 +344,7 @@ DDP_SEG_SCRIPT = r"""
 import os, sys
 import gapt.seg.train as T
 from gapt.config import load_config
-from gapt.engine.trainer import TrainingDiverged
+from gapt.engine.run import TrainingDiverged
 nan_at = int(sys.argv[2])
 import gapt.seg.evaluate as E
 real_reduce = E.reduce_confusion

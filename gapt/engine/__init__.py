@@ -6,5 +6,5 @@ from .._lazy import lazy_exports
 
 __all__ = ["train", "evaluate", "eval_run", "load_run", "predict", "TrainingDiverged"]
 __getattr__, __dir__ = lazy_exports(__name__, {"train": ".trainer", "evaluate": ".trainer",
-                                               "TrainingDiverged": ".trainer", "eval_run": ".inference",
+                                               "TrainingDiverged": ".run", "eval_run": ".inference",
                                                "load_run": ".inference", "predict": ".inference"})

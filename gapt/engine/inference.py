@@ -10,7 +10,8 @@ from .. import config as C
 from ..model import load_model
 from . import runfolder as rf
 from .precision import precision_record, precision_scope
-from .trainer import evaluate, resolve_device
+from .run import resolve_device
+from .trainer import evaluate
 
 
 def load_run(run_dir: str, overrides: Sequence[str] = ()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 CONFIG, METRICS, RESULTS, TUNED, RESUME = "config.yaml", "metrics.jsonl", "results.json", "tuned.safetensors", "last.pt"
 
@@ -55,10 +55,9 @@ def read_metrics(folder: Path) -> List[Dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_metrics(folder: Path, before_epoch: int) -> None:
-    """Drop lines of epochs >= ``before_epoch`` (1-based, as in the file): lines the resume state
-    does not cover (written just before a kill)."""
-    kept = [r for r in read_metrics(folder) if r.get("epoch", -1) < before_epoch]
+def keep_metrics(folder: Path, keep: Callable[[Dict], bool]) -> None:
+    """Keep only the lines ``keep`` accepts: on resume, drop those the resume state does not cover."""
+    kept = [r for r in read_metrics(folder) if keep(r)]
     atomic_write_text(Path(folder) / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
 

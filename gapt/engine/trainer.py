@@ -3,26 +3,23 @@ evaluate test once at the end on the best and the last state. Resumable, DDP-awa
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from .. import config as C
+from ..method import MethodSettings
 from ..model import PromptedViT, build_model
 from . import distributed as dist
 from . import runfolder as rf
-from . import tracking
 from .precision import autocast_dtype_for, precision_record, precision_scope
 from .progress import Progress, summary
+from .run import Run, check_finite, check_model_config, in_process_group, seed_everything
 from .schedule import LRSchedule
 
 log = logging.getLogger("gapt")
@@ -33,49 +30,14 @@ def loss_sync_interval(device: torch.device) -> int:
     return 16 if device.type == "cuda" else 1
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the resume state of the last finished epoch, if any, stays in the run folder."""
-
-
 # -- set-up -----------------------------------------------------------------------------------
-def resolve_device(cfg: C.RunConfig) -> torch.device:
-    """``auto`` and ``cuda`` mean this process's GPU: cuda:LOCAL_RANK under torchrun, else cuda:0.
-
-    The GPU is also made current, so NCCL and any kernel launched without a device land on it
-    (with several processes on one machine, an unset current device puts every rank on GPU 0).
-    """
-    kind = cfg.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind.startswith("cuda") and not torch.cuda.is_available():
-        raise C.ConfigError(f"bad value for config key 'device': {cfg.device!r} but no CUDA device is available")
-    device = torch.device("cuda", dist.local_rank()) if kind == "cuda" else torch.device(kind)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
-def autocast_dtype(cfg: C.RunConfig, device: torch.device) -> Optional[torch.dtype]:
-    return autocast_dtype_for(cfg.train.precision, device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def model_from_config(cfg: C.RunConfig, num_classes: int, class_names=None) -> PromptedViT:
     with warnings.catch_warnings():
         if cfg.weights is None:
             warnings.simplefilter("ignore")
             log.warning("backbone %s built with random weights (weights: null)", cfg.backbone)
-        model = build_model(cfg.backbone, method=cfg.method, num_prompts=cfg.num_prompts, num_classes=num_classes,
-                            gate_init=cfg.gate_init, learn_temperature=cfg.learn_temperature,
-                            insert_at_block=cfg.insert_at_block, weights=cfg.weights, image_size=cfg.image_size,
-                            prompt_dropout=cfg.prompt_dropout, pooling=cfg.pooling or None, class_names=class_names,
-                            random_seed=cfg.train.seed, gate_type=cfg.gate_type,
-                            gate_temperature=cfg.gate_temperature)
+        model = build_model(cfg.backbone, MethodSettings.of(cfg), num_classes=num_classes, weights=cfg.weights,
+                            image_size=cfg.image_size, class_names=class_names, random_seed=cfg.train.seed)
     model.seed_gate_noise(cfg.train.seed)
     model.grad_checkpointing = cfg.train.grad_checkpointing
     return model
@@ -96,14 +58,14 @@ def _loader(dataset, batch_size: int, sampler, workers: int, seed: int = 0, pin:
 
 
 @torch.no_grad()
-def precompute_prefix(model: PromptedViT, dataset, batch_size: int, device, dtype, desc: str) -> TensorDataset:
+def precompute_frozen(model: PromptedViT, dataset, batch_size: int, device, dtype, desc: str) -> TensorDataset:
     """Outputs of the frozen blocks for an un-augmented split, computed once (SPEC-equal logits)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     feats, labels = [], []
     bar = Progress(len(loader), desc, enabled=dist.is_main())
     for x, y in loader:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            feats.append(model.frozen_prefix(x.to(device)).float().cpu())
+            feats.append(model.frozen_features(x.to(device)).float().cpu())
         labels.append(torch.as_tensor(y))
         bar.update()
     bar.close()
@@ -147,16 +109,11 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
     def flush() -> None:
         nonlocal loss_sum
         values = torch.stack([p[1] for p in pending]).tolist()
-        bad = [0.0 if math.isfinite(v) else 1.0 for v in values]
-        if dist.world_size() > 1:  # every process stops at the same step, none waits in a collective
-            bad = dist.all_sum(bad, device)
-        for (step_i, _, n, step_lr), value, bad_here in zip(pending, values, bad):
-            if bad_here:
-                kept = run_dir is not None and (run_dir / rf.RESUME).exists()
-                what = f"loss is {value}" if not math.isfinite(value) else "the loss is not finite in another process"
-                raise TrainingDiverged(f"{what} at epoch {epoch + 1} step {step_i}; stopped. " + (
-                    f"The state after the last finished epoch is kept in {run_dir / rf.RESUME}" if kept else
-                    "No epoch had finished, so there is no state to keep") + "; a lower train.lr may help")
+        check_finite(values, [f"epoch {epoch + 1} step {p[0]}" for p in pending], device,
+                     run_dir / rf.RESUME if run_dir is not None else None,
+                     "The state after the last finished epoch is kept in {path}",
+                     "No epoch had finished, so there is no state to keep")
+        for (step_i, _, n, step_lr), value in zip(pending, values):
             loss_sum += value * n
             bar.update(loss=value, lr=step_lr, img_s=seen * dist.world_size() / max(time.time() - start, 1e-9))
         pending.clear()
@@ -195,24 +152,6 @@ def set_tuned_state(model: PromptedViT, state: Dict[str, torch.Tensor]) -> None:
             p.copy_(state[k])
 
 
-def rng_state(model: Optional[PromptedViT] = None) -> Dict:
-    out = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-           "python_pos": random.getstate()[2],
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    if model is not None and model.gate_noise is not None:  # hard gates' Gumbel stream
-        out["gate_noise"] = model.gate_noise.get_state()
-    return out
-
-
-def set_rng_state(s: Dict, model: Optional[PromptedViT] = None) -> None:
-    if model is not None and model.gate_noise is not None and "gate_noise" in s:
-        model.gate_noise.set_state(s["gate_noise"])
-    torch.set_rng_state(s["torch"])
-    random.setstate((3, tuple(s["python"]), s["python_pos"]))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 # -- the run ----------------------------------------------------------------------------------
 def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int] = None,
           prompt_initialiser: Optional[Callable] = None) -> Dict:
@@ -220,94 +159,59 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
 
     ``stop_after_epoch`` ends the process's work right after that epoch's resume file is written
     (as a kill would); tests use it to check that resuming gives the uninterrupted metrics.
+    ``prompt_initialiser(model, train_set, seed=, device=)`` sets the prompts of a fresh
+    ``prompt_init: prototype`` run (default: gapt.engine.prototype's k-means).
     """
     check_model_config(cfg)
-    device = resolve_device(cfg)
-    with dist.process_group(device.type), precision_scope(cfg.train.precision, device):  # fp32: TF32 off
-        return _train(cfg, device, resume, stop_after_epoch, prompt_initialiser)
+    return in_process_group(cfg, lambda device: _train(Run(cfg, device, resume), stop_after_epoch,
+                                                       prompt_initialiser))
 
 
-def check_model_config(cfg: C.RunConfig, size_key: str = "image_size") -> None:
-    """Backbone name, weights file, image size vs patch size, insertion block: before any data or file."""
-    from ..model.preflight import check_model_settings
-    check_model_settings(cfg.backbone, cfg.weights, getattr(cfg, size_key), cfg.method, cfg.insert_at_block,
-                         size_key)
-
-
-def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoch: Optional[int],
-           prompt_initialiser: Optional[Callable]) -> Dict:
+def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Optional[Callable]) -> Dict:
     from ..data import build_datasets
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    out = Path(cfg.out)
-    dtype = autocast_dtype(cfg, device)
-    t = cfg.train
-    if t.batch_size % dist.world_size():
-        raise C.ConfigError(f"bad value for config key 'train.batch_size': {t.batch_size} does not divide over "
-                            f"{dist.world_size()} processes")
-    tracking.resolve_logger(t.logger)  # a missing package fails before any work
-    if dist.is_main():  # the config is valid: only now is anything written
-        if not resume:
-            rf.check_new_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:  # lines left by a fresh start killed before its first resume file
-            rf.atomic_write_text(out / rf.METRICS, "")
-        rf.atomic_write_text(out / rf.CONFIG, C.to_yaml(cfg))
+    cfg, device, dtype, out, t = run.cfg, run.device, run.dtype, run.out, run.cfg.train
     seed_everything(t.seed)
 
     bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=t.seed)
     model = model_from_config(cfg, bundle.num_classes, bundle.class_names).to(device)
-    if cfg.prompt_init == "prototype" and not resume:
-        from ..protocol.prototype import init_prompts_from_prototypes
+    if cfg.prompt_init == "prototype" and not run.resume:
+        from .prototype import init_prompts_from_prototypes
         (prompt_initialiser or init_prompts_from_prototypes)(model, bundle.train, seed=t.seed, device=device)
     eval_bs = t.eval_batch_size or 2 * t.batch_size
 
-    # Frozen blocks on un-augmented data are computed once, not every epoch.
-    train_set, val_set, forward_fn = bundle.train, bundle.val, model
-    cached = model.frozen_prefix_blocks > 0 and not getattr(bundle.train, "augmented", True)
+    # Frozen leading blocks on un-augmented data are computed once, not every epoch.
+    train_set, val_set = bundle.train, bundle.val
+    cached = model.frozen_leading_blocks > 0 and not getattr(bundle.train, "augmented", True)
     if cached:
         model.eval()
-        train_set = precompute_prefix(model, bundle.train, eval_bs, device, dtype, "cache train prefix")
-        val_set = precompute_prefix(model, bundle.val, eval_bs, device, dtype, "cache val prefix")
-        log.info("cached the output of %d frozen block(s) for train and val", model.frozen_prefix_blocks)
-    train_forward = model.forward_from_prefix if cached else model
-    ddp_model = None
-    if dist.world_size() > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        ddp_model = DistributedDataParallel(_PrefixForward(model) if cached else model,
-                                            device_ids=[device.index] if device.type == "cuda" else None)
-        train_forward = ddp_model
-    if t.compile:
-        train_forward = torch.compile(train_forward)
-        log.info("train.compile: the first training steps compile the model; the first epoch's images/s "
-                 "includes that time")
+        train_set = precompute_frozen(model, bundle.train, eval_bs, device, dtype, "cache train frozen blocks")
+        val_set = precompute_frozen(model, bundle.val, eval_bs, device, dtype, "cache val frozen blocks")
+        log.info("cached the output of %d frozen block(s) for train and val", model.frozen_leading_blocks)
+    train_forward = run.wrap(_FromFrozen(model) if cached else model)
 
     sampler = dist.train_sampler(train_set, t.seed)
     workers = 0 if cached else cfg.data.num_workers
-    loader = _loader(train_set, t.batch_size // dist.world_size(), sampler, workers, t.seed, device.type == "cuda")
+    loader = _loader(train_set, run.per_process_batch, sampler, workers, t.seed, device.type == "cuda")
     steps_per_epoch = len(loader) if not t.max_steps_per_epoch else min(t.max_steps_per_epoch, len(loader))
     optimizer = make_optimizer(cfg, list(model.tuned_parameters().values()))
     schedule = LRSchedule(t.lr, t.epochs, C.warmup_epochs(t), steps_per_epoch, t.schedule)
 
     start_epoch, best = 0, {"top1": -1.0, "epoch": -1, "state": None}
     train_time = 0.0
-    if resume:
-        state = torch.load(out / rf.RESUME, map_location="cpu", weights_only=True)
+    if run.resume:
+        state = run.load_state(model)
         set_tuned_state(model, state["tuned"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, train_time = state["epoch"] + 1, state["train_time_s"]
         # resume files before epochs were numbered from 1 (no "epoch_base") hold a 0-based best epoch
         best_epoch = state["best_epoch"] + (0 if state.get("epoch_base") == 1 else 1)
         best = {"top1": state["best_top1"], "epoch": best_epoch, "state": state["best_tuned"]}
-        set_rng_state(state["rng"], model)
-        if dist.is_main():
-            rf.truncate_metrics(out, start_epoch + 1)
+        run.keep_metrics(lambda r: r.get("epoch", -1) < start_epoch + 1)  # lines count epochs from 1
         log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, t.epochs)
     # curves: one point per epoch at the optimizer-step count, continued (not repeated) on resume
-    tracker = tracking.open_tracker(t.logger, out, start_step=start_epoch * steps_per_epoch, resume=resume,
-                                    config=C.to_dict(cfg), config_text=C.to_yaml(cfg), enabled=dist.is_main())
+    run.open_tracker(start_epoch * steps_per_epoch)
 
-    val_forward = model.forward_from_prefix if cached else model
+    val_forward = model.forward_from_frozen if cached else model
     # A final run may train on its val images (train + val): its val top-1 is no held-out score.
     held_out_val = bundle.info.get("val_held_out", True)
     if not held_out_val:
@@ -324,17 +228,16 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
             record["test_top1"] = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test")["top1"]
         if val["top1"] > best["top1"]:
             best = {"top1": val["top1"], "epoch": epoch + 1, "state": tuned_state(model)}
+        run.append_metrics(record, (epoch + 1) * steps_per_epoch, model)
+        run.save_state({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
+                        "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
+                        "train_time_s": train_time, "epoch_base": 1}, model)
         if dist.is_main():
-            rf.append_metrics(out, record)
-            tracker.log_record(record, (epoch + 1) * steps_per_epoch, model)
-            rf.atomic_torch_save({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
-                                  "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
-                                  "rng": rng_state(model), "train_time_s": train_time, "epoch_base": 1}, out / rf.RESUME)
             shown = {k: v for k, v in record.items() if k != "epoch" and (held_out_val or not k.startswith("val_"))}
             log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary(shown))
         dist.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
-            tracker.close()
+            run.close()
             return {"stopped_after_epoch": epoch}
 
     # Test once: on the best-val state (what the run reports) and on the last state, which
@@ -346,54 +249,33 @@ def _train(cfg: C.RunConfig, device: torch.device, resume: bool, stop_after_epoc
     else:
         set_tuned_state(model, best["state"])
         test_best = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (best val)")
-    results = {
-        "backbone": cfg.backbone, "method": cfg.method, "learn_temperature": cfg.learn_temperature,
-        "num_prompts": model.num_prompts, "prompt_init": cfg.prompt_init, "gate_init": cfg.gate_init,
-        "insert_at_block": cfg.insert_at_block, "benchmark": cfg.data.format, "task": bundle.info.get("name") or
-        cfg.data.name, "seed": t.seed, "final": cfg.data.final,
-        "metrics": {"val_top1_best": best["top1"], "best_epoch": best["epoch"], "test_top1": test_best["top1"],
-                    "test_top1_last": test_last["top1"], "test_count": test_best["count"]},
-        "data": bundle.info, "tuned_params": model.num_tuned(), "train_time_s": train_time,
-        "epochs": t.epochs, "device": str(device), **precision_record(t.precision, device),
-        "pos_embed_interpolation": model.pos_embed_interpolation,
-        "world_size": dist.world_size(), "lr": t.lr, "weight_decay": t.weight_decay,
-        "prefix_cache_blocks": model.frozen_prefix_blocks if cached else 0, "val_held_out": held_out_val,
-        "gate_type": cfg.gate_type, "gate_temperature": cfg.gate_temperature, "batch_size": t.batch_size,
-        "prompt_dropout": cfg.prompt_dropout, "pooling": model.pooling,
-        "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
-    }
-    if dist.is_main():
+    metrics = {"val_top1_best": best["top1"], "best_epoch": best["epoch"], "test_top1": test_best["top1"],
+               "test_top1_last": test_last["top1"], "test_count": test_best["count"]}
+    results = run.base_results(model, bundle.info.get("name") or cfg.data.name, cfg.data.final, metrics,
+                               bundle.info, model.num_tuned(), train_time)
+    results.update({"epochs": t.epochs, "frozen_cache_blocks": model.frozen_leading_blocks if cached else 0,
+                    "val_held_out": held_out_val, "backbone_params": sum(p.numel() for p in model.backbone.parameters())})
+
+    def write_files() -> None:
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
-        rf.write_json(out / rf.RESULTS, results)
-        tracker.log_results(results["metrics"], t.epochs * steps_per_epoch)
         if held_out_val:
             log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
                      best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
         else:
             log.info("done (final run, no held-out val): test top-1 %.2f (state of epoch %d) / %.2f (last) -> %s",
                      test_best["top1"], best["epoch"], test_last["top1"], out)
+
+    run.finish(results, write_files, t.epochs * steps_per_epoch)
     set_tuned_state(model, last_state)
-    tracker.close()
-    dist.barrier()
     return results
 
 
-class _PrefixForward(torch.nn.Module):
-    """DDP needs a module: this one maps cached prefixes to logits through the model."""
+class _FromFrozen(torch.nn.Module):
+    """DDP needs a module: this one maps cached frozen-block outputs to logits through the model."""
 
     def __init__(self, model: PromptedViT):
         super().__init__()
         self.model = model
 
-    def forward(self, prefix):
-        return self.model.forward_from_prefix(prefix)
-
-
-def config_for_resume(run_dir: str) -> C.RunConfig:
-    path = Path(run_dir) / rf.CONFIG
-    if not Path(run_dir).is_dir():
-        raise rf.RunFolderError(f"run folder {run_dir} does not exist; nothing to resume")
-    if not (Path(run_dir) / rf.RESUME).exists():
-        raise rf.RunFolderError(f"{run_dir} has no resume file ({rf.RESUME}); nothing to resume")
-    cfg = C.load_config(str(path))
-    return replace(cfg, out=str(run_dir))
+    def forward(self, frozen):
+        return self.model.forward_from_frozen(frozen)

@@ -9,6 +9,7 @@ import torch
 
 from .backbones import BackboneSpec, create_vit, default_pooling, resolve_spec
 from .checkpoints import TIMM_FILTERED, convert_checkpoint, filter_with_timm, load_into_vit, read_tensor_file
+from ..method import MethodSettings
 from .posembed import check_mode, regrid_pos_embed
 from .prompted import PromptedViT
 
@@ -67,25 +68,23 @@ def _build_backbone(spec: BackboneSpec, weights: Optional[str], image_size: Opti
     return vit, spec
 
 
-def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str = "gated", num_prompts: int = 100,
-                num_classes: int = 1000, gate_init: float = 5.0, learn_temperature: bool = False,
-                insert_at_block: int = 1, weights: Optional[str] = None, image_size: Optional[int] = None,
-                prompt_dropout: float = 0.1, pooling: Optional[str] = None,
+def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: Union[str, MethodSettings] = "gated",
+                *, num_classes: int = 1000, weights: Optional[str] = None, image_size: Optional[int] = None,
                 class_names: Optional[List[str]] = None, random_seed: Optional[int] = None,
-                pos_embed_interpolation: str = "bicubic", gate_type: str = "soft",
-                gate_temperature: float = 1.0) -> PromptedViT:
+                pos_embed_interpolation: str = "bicubic", **settings) -> PromptedViT:
     """A frozen ViT (timm) with one transfer method and a linear head.
 
     backbone: a registered name (``gapt.model.BACKBONES``, see ``gapt backbones``), a
         :class:`BackboneSpec`, or any timm ViT name.
-    method: ``linear`` (head only), ``full`` (every backbone weight trained too),
+    method: a ``gapt.method.MethodSettings`` (every method setting below in one object), or a
+        method name. Methods: ``linear`` (head only), ``full`` (every backbone weight trained too),
         ``vpt-shallow`` (prompts enter at block 1 and flow through every block),
         ``vpt-deep`` (fresh prompts at every block), ``vpt-at-block`` (prompts enter at
         ``insert_at_block``), ``gated`` (GaPT: vpt-shallow whose prompt update after block l is
         mixed by a learned gate g_l = sigmoid(gamma_l), one per block but the last).
     num_prompts: prompt tokens (prompt methods; ignored by linear/full).
     num_classes: outputs of the linear head (fresh: Kaiming-normal weight, bias -log(99)).
-    gate_init: gated only: every gamma_l starts at ``-gate_init``, so gates start at
+    gate_init: gated only (default 10.0): every gamma_l starts at ``-gate_init``, so gates start at
         sigmoid(-gate_init) (5 -> 0.0067, 10 -> 4.5e-5): prompts first pass blocks almost unchanged.
     learn_temperature: also learn one attention temperature per block (AAS), starting at 1 and
         clamped to [0.01, 10]; prompt methods only.
@@ -98,8 +97,11 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
     pooling: how tokens become the head's input, after the final LayerNorm: ``cls`` (the CLS
         token), ``mean`` (mean of every token but CLS/registers, prompts included: MAE's rule),
         ``img`` (mean of the patch tokens only), ``prompt`` (mean of the prompt tokens; prompt
-        methods only). None = the backbone's pretraining rule (MAE: mean; MoCo v3, DINO,
+        methods only). "" (or None) = the backbone's pretraining rule (MAE: mean; MoCo v3, DINO,
         supervised: cls).
+    settings: the method's other settings as keywords (num_prompts, gate_init, gate_type,
+        gate_temperature, learn_temperature, insert_at_block, prompt_dropout, pooling: the fields
+        of ``gapt.method.MethodSettings``).
     class_names: stored with the model (tuned file metadata, ``gapt predict`` output).
     random_seed: only with ``weights=None``: the random backbone is drawn from this seed,
         without touching the global RNG, so the same seed rebuilds the same backbone.
@@ -114,13 +116,11 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: str =
         ``gate_temperature`` and straight-through in training, 1[gamma > 0] in evaluation; SPEC §9).
     gate_temperature: the Gumbel-Sigmoid temperature of hard gates (default 1.0).
     """
+    chosen = MethodSettings.of(method, **settings)
     vit, spec = build_backbone(backbone, weights, image_size, random_seed, pos_embed_interpolation)
-    return PromptedViT(vit, method=method, num_prompts=num_prompts, num_classes=num_classes,
-                       gate_init=gate_init, learn_temperature=learn_temperature,
-                       insert_at_block=insert_at_block, prompt_dropout=prompt_dropout,
-                       pooling=pooling or default_pooling(spec, vit), backbone_name=spec.name,
-                       class_names=class_names, image_size=image_size or vit.patch_embed.img_size[0],
-                       gate_type=gate_type, gate_temperature=gate_temperature)
+    return PromptedViT(vit, chosen, pooling=chosen.pooling or default_pooling(spec, vit), num_classes=num_classes,
+                       backbone_name=spec.name, class_names=class_names,
+                       image_size=image_size or vit.patch_embed.img_size[0])
 
 
 def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Optional[int] = None) -> PromptedViT:
@@ -136,11 +136,8 @@ def load_model(tuned_path: str, weights: Optional[str] = None, random_seed: Opti
     with warnings.catch_warnings():
         if weights is None and meta["method"] == "full":
             warnings.simplefilter("ignore")  # a full fine-tune file holds every backbone weight
-        model = build_model(meta["backbone"], method=meta["method"], num_prompts=meta["num_prompts"] or 1,
-                            num_classes=meta["num_classes"], gate_init=meta["gate_init"],
-                            learn_temperature=meta["learn_temperature"], insert_at_block=meta["insert_at_block"],
-                            weights=weights, image_size=meta["image_size"], prompt_dropout=meta["prompt_dropout"],
-                            pooling=meta["pooling"], class_names=meta["class_names"], random_seed=random_seed,
-                            gate_type=meta.get("gate_type", "soft"), gate_temperature=meta.get("gate_temperature", 1.0))
+        model = build_model(meta["backbone"], MethodSettings.of(meta, num_prompts=meta["num_prompts"] or 1),
+                            num_classes=meta["num_classes"], weights=weights, image_size=meta["image_size"],
+                            class_names=meta["class_names"], random_seed=random_seed)
     model.load_tuned(tuned_path)
     return model

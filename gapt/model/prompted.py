@@ -21,10 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
-PROMPT_METHODS = ("vpt-shallow", "vpt-deep", "vpt-at-block", "gated")
-POOLINGS = ("mean", "cls", "img", "prompt", "mean_normed")
-GATE_TYPES = ("soft", "hard")
+from ..method import GATE_TYPES, METHODS, POOLINGS, PROMPT_METHODS, MethodSettings
+
 TEMPERATURE_RANGE = (0.01, 10.0)
 
 
@@ -136,12 +134,17 @@ def check_backbone_blocks(vit: nn.Module) -> None:
 class PromptedViT(nn.Module):
     """A frozen timm VisionTransformer + one transfer method + a linear head."""
 
-    def __init__(self, vit: nn.Module, *, method: str = "gated", num_prompts: int = 100,
-                 num_classes: int = 1000, gate_init: float = 5.0, learn_temperature: bool = False,
-                 insert_at_block: int = 1, prompt_dropout: float = 0.1, pooling: str = "mean",
+    def __init__(self, vit: nn.Module, settings: Optional[MethodSettings] = None, *, num_classes: int = 1000,
                  backbone_name: str = "custom", class_names: Optional[List[str]] = None,
-                 image_size: Optional[int] = None, gate_type: str = "soft", gate_temperature: float = 1.0):
+                 image_size: Optional[int] = None, **changes):
+        """``settings`` (or its fields as keywords: method=..., num_prompts=..., ...) choose the method;
+        pooling "" means mean pooling here (``build_model`` resolves it to the backbone's rule)."""
         super().__init__()
+        settings = MethodSettings.of(settings, **changes)
+        method, num_prompts, pooling = settings.method, settings.num_prompts, settings.pooling or "mean"
+        gate_init, learn_temperature = settings.gate_init, settings.learn_temperature
+        insert_at_block, prompt_dropout = settings.insert_at_block, settings.prompt_dropout
+        gate_type, gate_temperature = settings.gate_type, settings.gate_temperature
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; valid: {list(METHODS)}")
         if pooling not in POOLINGS:
@@ -168,6 +171,9 @@ class PromptedViT(nn.Module):
             raise ValueError(f"pooling='prompt' needs a prompt method, got '{method}'")
 
         self.backbone = vit
+        # what the tuned file records: prompts counted only where the method has them, pooling resolved
+        self.settings = MethodSettings.of(settings, num_prompts=num_prompts if has_prompts else 0, pooling=pooling,
+                                          gate_init=float(gate_init))
         self.method = method
         self.backbone_name = backbone_name
         self.depth = depth
@@ -356,9 +362,9 @@ class PromptedViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(images))
 
-    # -- frozen-prefix cache (insertion sweep, linear probing) ------------------------------
+    # -- frozen leading blocks, cached (insertion sweep, linear probing) ----------------------
     @property
-    def frozen_prefix_blocks(self) -> int:
+    def frozen_leading_blocks(self) -> int:
         """How many leading blocks see no trainable tensor (their outputs can be cached)."""
         if self.method == "linear":
             return self.depth
@@ -367,22 +373,22 @@ class PromptedViT(nn.Module):
         return 0
 
     @torch.no_grad()
-    def frozen_prefix(self, images: torch.Tensor) -> torch.Tensor:
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
         """What the first trainable tensor sees: pooled features (linear) or the tokens entering block k."""
         if self.method == "linear":
             return self.forward_features(images)
         x = self.embed(images)
         rope = self.rope(x.shape[1] - self.backbone.num_prefix_tokens)
-        for i in range(self.frozen_prefix_blocks):
+        for i in range(self.frozen_leading_blocks):
             x = block_forward(self.backbone.blocks[i], x, None, rope)
         return x
 
-    def forward_from_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
-        """Logits from cached ``frozen_prefix`` outputs (equal to ``forward`` on the images)."""
+    def forward_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+        """Logits from cached ``frozen_features`` outputs (equal to ``forward`` on the images)."""
         if self.method == "linear":
-            return self.head(prefix)
+            return self.head(frozen)
         self.clamp_temperature_()
-        x, _ = self.run_blocks(prefix, start=self.frozen_prefix_blocks)
+        x, _ = self.run_blocks(frozen, start=self.frozen_leading_blocks)
         return self.head(self.pool(x))
 
     # -- analysis ---------------------------------------------------------------------------

@@ -36,14 +36,10 @@ REFERENCE_IGNORED_ENC = ("head.", "fc_norm.", "pre_logits.")
 
 
 def model_identity(model) -> Dict:
-    return {
-        "backbone": model.backbone_name, "method": model.method, "num_prompts": model.num_prompts,
-        "learn_temperature": model.learn_temperature, "insert_at_block": model.insert_at_block,
-        "num_classes": model.num_classes, "gate_init": model.gate_init, "pooling": model.pooling,
-        "image_size": model.image_size, "depth": model.depth, "embed_dim": model.embed_dim,
-        "prompt_dropout": model.prompt_dropout.p, "class_names": model.class_names,
-        "gate_type": model.gate_type, "gate_temperature": model.gate_temperature,
-    }
+    """The tuned file's metadata: the backbone, the method's settings (gapt.method) and the shapes."""
+    return {"backbone": model.backbone_name, **model.settings.as_dict(), "num_classes": model.num_classes,
+            "image_size": model.image_size, "depth": model.depth, "embed_dim": model.embed_dim,
+            "class_names": model.class_names}
 
 
 def write_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Dict[str, str]) -> None:

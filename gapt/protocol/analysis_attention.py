@@ -195,7 +195,7 @@ def analyze_attention(run_dir: Union[PathLike, Sequence[PathLike]], image: PathL
     from PIL import Image
 
     from ..data import eval_transform
-    from ..engine.trainer import resolve_device
+    from ..engine.run import resolve_device
 
     runs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
     head = head if head == "mean" else int(head)

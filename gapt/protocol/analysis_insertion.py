@@ -16,14 +16,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .. import config as C
-from .analyze import _flat_dict, _fmt, _new_figure, _write_text
+from .analyze import _fmt, _new_figure, _write_text
 from .gates_plot import save_png
 
 log = logging.getLogger("gapt")
-
-# Keys that may differ between a sweep's config and a run folder it finds without making it another run.
-_RUN_INDEPENDENT = ("out", "device", "data.num_workers", "data.cache", "data.cache_dir", "train.eval_batch_size")
-
 
 def backbone_depth(cfg) -> int:
     from ..model.backbones import create_vit, resolve_spec
@@ -39,11 +35,10 @@ def _check_same_run(run_dir: Path, cfg) -> None:
     saved_path = run_dir / rf.CONFIG
     if not saved_path.is_file():
         return
-    saved, wanted = _flat_dict(C.to_dict(C.load_config(str(saved_path)))), _flat_dict(C.to_dict(cfg))
-    differ = [k for k in wanted if k not in _RUN_INDEPENDENT and saved.get(k) != wanted[k]]
+    differ = C.run_differences(C.load_config(str(saved_path)), cfg)
     if differ:
         raise ValueError(f"{run_dir} holds a run with another config (differs in: "
-                         + ", ".join(f"{k}: {saved.get(k)!r} there vs {wanted[k]!r} here" for k in differ)
+                         + ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in differ.items())
                          + "); choose another out=... for this sweep")
 
 
@@ -125,7 +120,7 @@ def insertion_sweep(cfg, blocks: Optional[Iterable[int]] = None, executor=None,
     else each in cfg.out/<backbone>/insert_k). ``executor``: from :func:`gapt.protocol.sweep_executors.make_executor`
     (default inline). A folder holding a run of a different config is an error naming the keys. Writes
     ``insertion.json`` (``curves``: per backbone its rows; ``runs``: the first curve's rows), ``insertion.md``
-    and ``insertion.png`` into ``cfg.out``. Each row records ``prefix_cache_blocks`` from the run's
+    and ``insertion.png`` into ``cfg.out``. Each row records ``frozen_cache_blocks`` from the run's
     results.json: how many frozen blocks the engine computed once instead of every epoch.
     """
     from ..engine import distributed as dist
@@ -147,12 +142,12 @@ def insertion_sweep(cfg, blocks: Optional[Iterable[int]] = None, executor=None,
             if errors.get(job.name) and not (job.folder / rf.RESULTS).exists():
                 rows.append({"block": k, "run": str(job.folder), "status": f"failed: {errors[job.name]}",
                              "test_top1": None, "val_top1": None, "test_top1_last": None, "train_time_s": None,
-                             "prefix_cache_blocks": None, "tuned_params": None})
+                             "frozen_cache_blocks": None, "tuned_params": None})
                 continue
             if not (job.folder / rf.RESULTS).exists():
                 rows.append({"block": k, "run": str(job.folder), "status": "not finished", "test_top1": None,
                              "val_top1": None, "test_top1_last": None, "train_time_s": None,
-                             "prefix_cache_blocks": None, "tuned_params": None})
+                             "frozen_cache_blocks": None, "tuned_params": None})
                 continue
             results = rf.read_json(job.folder / rf.RESULTS)
             metrics = results.get("metrics", {})
@@ -160,7 +155,8 @@ def insertion_sweep(cfg, blocks: Optional[Iterable[int]] = None, executor=None,
                          "test_top1": metrics.get("test_top1"), "val_top1": metrics.get("val_top1_best"),
                          "test_top1_last": metrics.get("test_top1_last"),
                          "train_time_s": results.get("train_time_s"),
-                         "prefix_cache_blocks": results.get("prefix_cache_blocks"),
+                         "frozen_cache_blocks": results.get("frozen_cache_blocks",
+                                                            results.get("prefix_cache_blocks")),  # older runs' name
                          "tuned_params": results.get("tuned_params")})
         curves.append({"backbone": c.backbone, "weights": c.weights, "lr": c.train.lr, "depth": depth,
                        "out": c.out, "runs": rows})
@@ -187,7 +183,7 @@ def insertion_table(rows: Sequence[Dict[str, Any]]) -> str:
     lines = ["| insert at block k | val top-1 | test top-1 | train time (s) | cached frozen blocks | status |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        cache = "—" if r["prefix_cache_blocks"] is None else str(r["prefix_cache_blocks"])
+        cache = "—" if r["frozen_cache_blocks"] is None else str(r["frozen_cache_blocks"])
         lines.append(f"| {r['block']} | {_fmt(r['val_top1'])} | {_fmt(r['test_top1'])} | "
                      f"{_fmt(r['train_time_s'], 1)} | {cache} | {r['status']} |")
     return "\n".join(lines) + "\n"
@@ -258,7 +254,7 @@ def render_fig1(plan, results, out_dir) -> List[Path]:
                 vals = [r["metrics"]["test_top1"] for r in runs if r.get("metrics", {}).get("test_top1") is not None]
                 rows.append({"block": int(s.row.split("@")[1]), "run": s.name, "status": "done" if vals else "missing",
                              "test_top1": sum(vals) / len(vals) if vals else None, "val_top1": None,
-                             "test_top1_last": None, "train_time_s": None, "prefix_cache_blocks": None,
+                             "test_top1_last": None, "train_time_s": None, "frozen_cache_blocks": None,
                              "tuned_params": None, "seeds": len(vals)})
             curves.append({"backbone": bb, "lr": FIG1_LR[(task, bb)], "runs": rows})
         _write_text(out_dir / f"insertion_{task}.json", json.dumps({"task": task, "curves": curves}, indent=2) + "\n")

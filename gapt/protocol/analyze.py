@@ -136,17 +136,6 @@ def analyze_gates(runs: Sequence[PathLike], out: Optional[PathLike] = None) -> D
     return {"entries": entries, "table": table, "png": png, "md": md, "json": js, "png_tasks": png_tasks}
 
 
-def _flat_dict(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """A nested dict as ``{"a.b": value}``."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat_dict(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def parse_blocks(text: str) -> List[int]:
     """``"1,2,5"`` or ``"1-4,6"`` -> sorted distinct block numbers."""
     blocks = set()

@@ -18,19 +18,15 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .. import config as C
 from ..engine.runfolder import RESULTS
-from .sweep_jobs import (ERROR_FILE, TRIAL_CONFIG, WORKER_LOG, Job, SweepError, call_target, format_error,
-                         load_preload, localize_device, read_error, resolve_runner, write_error)
+from .sweep_jobs import (ERROR_FILE, TRIAL_CONFIG, WORKER_LOG, Job, OnEnd, OnStart, SweepError, call_target,
+                         format_error, load_preload, localize_device, read_error, resolve_runner, write_error)
 
 
 # -- executors ----------------------------------------------------------------------------------
-OnStart = Callable[[Job], None]
-OnEnd = Callable[[Job, str, Optional[str]], None]   # job, status (done|failed|stopped), error
-
-
 class InlineExecutor:
     """Runs the jobs one after another in this process (tests; a debugger; backbones registered here)."""
     name = "inline"

@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from .. import config as C
 from ..engine import runfolder as rf
@@ -27,11 +27,6 @@ TRIAL_CONFIG = "trial.yaml"
 ERROR_FILE = "error.json"
 STOPPED_FILE = "stopped.json"
 WORKER_LOG = "train.log"
-
-# Keys that may change between a killed sweep and its restart without changing what a run computes.
-RESTART_FREE_KEYS = {"out", "device", "weights", "data.root", "data.num_workers", "data.cache", "data.cache_dir",
-                     "train.eval_batch_size"}
-
 
 class SweepError(RuntimeError):
     """A sweep that cannot start or that produced no usable trial; the message says why."""
@@ -139,17 +134,9 @@ def run_numbers(folder: Path, finished: bool = True) -> Dict[str, Any]:
     return {"val_top1": max(vals) if vals else None, "test_top1": None, "epochs_run": epochs}
 
 
-def _flat(cfg: C.RunConfig) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[prefix + k] = v
-    walk(C.to_dict(cfg), "")
-    return out
+# What an executor tells the sweep: a job starts; a job ends with a status (done|failed|stopped) and an error.
+OnStart = Callable[[Job], None]
+OnEnd = Callable[[Job, str, Optional[str]], None]
 
 
 def check_same_run(job: Job) -> None:
@@ -159,13 +146,11 @@ def check_same_run(job: Job) -> None:
     if not saved.exists() or job.cfg is None:
         return
     try:
-        old = _flat(C.load_config(str(saved)))
+        old = C.load_config(str(saved))
     except C.ConfigError as e:
         raise SweepError(f"{folder} holds a run whose config cannot be read ({e}); "
                          f"delete that folder or choose another out=") from None
-    new = _flat(job.cfg)
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new
-             if k not in RESTART_FREE_KEYS and old.get(k) != new.get(k)]
+    diffs = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in C.run_differences(old, job.cfg).items()]
     if diffs:
         raise SweepError(f"{folder} holds a {job.kind} run with other settings ({'; '.join(diffs[:4])}"
                          f"{' ...' if len(diffs) > 4 else ''}); restart the sweep with the same settings, "

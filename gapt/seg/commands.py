@@ -15,9 +15,9 @@ SEG_DEFAULTS = {"data": {"format": "ade20k"},
 
 
 def cmd_seg_train(args) -> int:
-    from ..cli import finished_and_not_forced, resume_hint_on_interrupt
+    from ..cli_support import finished_and_not_forced, resume_hint_on_interrupt
     from ..config import load_config
-    from ..engine.trainer import config_for_resume
+    from ..engine.run import config_for_resume
     from .train import train_seg
     kw = dict(multi_scale=args.multi_scale, log_every=args.log_every, save_every=args.save_every,
               stop_after=args.stop_after)
@@ -54,7 +54,7 @@ def _fmt(x) -> str:
 def cmd_seg_eval(args) -> int:
     from .evaluate import eval_run
     from ..engine.distributed import is_main
-    from ..cli import run_overrides
+    from ..cli_support import run_overrides
     out = eval_run(args.run, args.split, multi_scale=args.multi_scale, overrides=run_overrides(args))
     if not is_main():
         return 0
@@ -74,7 +74,7 @@ def cmd_seg_eval(args) -> int:
 
 def cmd_seg_predict(args) -> int:
     from .evaluate import predict_run
-    from ..cli import run_overrides
+    from ..cli_support import run_overrides
     preds = predict_run(args.run, args.images, args.out, multi_scale=args.multi_scale, alpha=args.alpha,
                         overrides=run_overrides(args))
     if args.json:
@@ -88,7 +88,7 @@ def cmd_seg_predict(args) -> int:
 
 def add_commands(subparsers) -> None:
     """Add `gapt seg ...` to the gapt command line (see gapt.cli.COMMAND_MODULES)."""
-    from ..cli import add_resume_args, add_run_override_args
+    from ..cli_support import add_resume_args, add_run_override_args
     seg = subparsers.add_parser("seg", help="semantic segmentation (ADE20K, SETR-PUP heads): train, eval, predict",
                                 epilog=SEG_EPILOG)
     sub = seg.add_subparsers(dest="seg_command", metavar="SEG_COMMAND")

@@ -226,7 +226,28 @@ def build_folder_seg(images_dir: PathLike, masks_dir: PathLike, classes_file: Pa
                       check_labels=check_labels, seed=seed, name=f"folder {Path(images_dir).name}")
 
 
-SEG_FORMATS = ("ade20k", "folder")
+# the config's data.format values and each one's default (train, val) split names
+SEG_FORMATS = ("ade20k", "seg_folder")
+DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "seg_folder": ("train", "val")}
+
+
+def build_seg_split(format: str, root: PathLike, split: str, pipeline: Optional[Pipeline] = None, *,
+                    classes_file: str = "classes.txt", reduce_zero_label: bool = False, mask_suffix: str = ".png",
+                    check_labels: bool = True, seed: int = 0) -> SegDataset:
+    """One split of a format.
+
+    - ``ade20k``: ``root`` as in :func:`build_ade20k`; ``split`` training | validation.
+    - ``seg_folder``: ``root/images/<split>``, ``root/masks/<split>`` and ``root/<classes_file>``.
+    """
+    if format == "ade20k":
+        return build_ade20k(root, split, pipeline, check_labels, seed)
+    if format == "seg_folder":
+        root = Path(root)
+        if not root.is_dir():
+            raise SegDataError(f"segmentation root folder not found: {root}")
+        return build_folder_seg(root / "images" / split, root / "masks" / split, root / classes_file, pipeline,
+                                reduce_zero_label, mask_suffix, check_labels, seed)
+    raise SegDataError(f"unknown segmentation data format '{format}'; expected one of {list(SEG_FORMATS)}")
 
 
 def build_seg_datasets(format: str, root: PathLike, train_pipeline: Optional[Pipeline] = None,
@@ -234,23 +255,12 @@ def build_seg_datasets(format: str, root: PathLike, train_pipeline: Optional[Pip
                        val_split: str = "", classes_file: str = "classes.txt",
                        reduce_zero_label: bool = False, mask_suffix: str = ".png",
                        check_labels: bool = True, seed: int = 0) -> Tuple[SegDataset, SegDataset]:
-    """(train, val) datasets of a format.
-
-    - ``ade20k``: ``root`` as in :func:`build_ade20k`; splits default to training / validation.
-    - ``folder``: ``root/images/<split>``, ``root/masks/<split>`` and ``root/<classes_file>``;
-      splits default to train / val.
-    """
-    if format == "ade20k":
-        train = build_ade20k(root, train_split or "training", train_pipeline, check_labels, seed)
-        val = build_ade20k(root, val_split or "validation", eval_pipeline, check_labels, seed)
-        return train, val
-    if format == "folder":
-        root = Path(root)
-        if not root.is_dir():
-            raise SegDataError(f"segmentation root folder not found: {root}")
-        out = []
-        for split, pipe in ((train_split or "train", train_pipeline), (val_split or "val", eval_pipeline)):
-            out.append(build_folder_seg(root / "images" / split, root / "masks" / split, root / classes_file,
-                                        pipe, reduce_zero_label, mask_suffix, check_labels, seed))
-        return out[0], out[1]
-    raise SegDataError(f"unknown segmentation data format '{format}'; expected one of {list(SEG_FORMATS)}")
+    """(train, val) datasets of a format (:func:`build_seg_split`); split names default to
+    training / validation (``ade20k``) and train / val (``seg_folder``)."""
+    if format not in DEFAULT_SPLITS:
+        raise SegDataError(f"unknown segmentation data format '{format}'; expected one of {list(SEG_FORMATS)}")
+    default_train, default_val = DEFAULT_SPLITS[format]
+    kw = dict(classes_file=classes_file, reduce_zero_label=reduce_zero_label, mask_suffix=mask_suffix,
+              check_labels=check_labels, seed=seed)
+    return (build_seg_split(format, root, train_split or default_train, train_pipeline, **kw),
+            build_seg_split(format, root, val_split or default_val, eval_pipeline, **kw))

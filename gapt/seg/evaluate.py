@@ -22,11 +22,16 @@ from torch.utils.data import DataLoader
 from .. import config as C
 from ..engine import distributed as dist
 from ..engine import runfolder as rf
-from ..engine.precision import precision_record, precision_scope
+from ..engine.inference import expand_images
 from ..engine.progress import Progress
+from ..engine.precision import precision_record, precision_scope
+from ..engine.run import autocast_dtype, in_process_group, resolve_device
+from .data import load_image
 from .inference import pyramid_inference, slide_inference
 from .metrics import SegMetrics, confusion_matrix, reduce_confusion
+from .model import load_seg_model
 from .palette import save_mask_png, save_overlay_png
+from .recipe import EVAL_FILE, eval_pipeline, seg_dataset, slide_stride, train_scale
 from .transforms import MS_RATIOS, SegMultiScalePipeline
 
 log = logging.getLogger("gapt")
@@ -41,7 +46,6 @@ def _model_fn(model, device, dtype):
 
 def multiscale_pipeline(crop_size: int) -> SegMultiScalePipeline:
     """The multi-scale test input: ratios 0.5..1.75 of the eval scale, each from the original image."""
-    from .train import train_scale
     return SegMultiScalePipeline(scale=train_scale(crop_size), ratios=MS_RATIOS)
 
 
@@ -61,7 +65,6 @@ def predict_logits(model, image, out_size, crop_size: int, device, dtype,
     """(1, C, *out_size) scores: slide logits of a normalised (1, 3, h, w) image, or with
     ``multi_scale`` the flip-averaged probabilities of a list of such tensors, one per test ratio
     (:func:`multiscale_pipeline`'s, each resized from the original image)."""
-    from .train import slide_stride
     fn = _model_fn(model, device, dtype)
     n, stride = model.num_classes, slide_stride(crop_size)
     if multi_scale:
@@ -103,7 +106,6 @@ def evaluate_seg(model, dataset, crop_size: int, device, dtype=None, workers: in
 def write_eval_file(run_dir, split: str, single: SegMetrics, multi: Optional[SegMetrics] = None,
                     extra: Optional[Dict] = None) -> Path:
     """``eval_<split>.json``: single-scale (and multi-scale) metrics with per-class IoU / Acc."""
-    from .train import EVAL_FILE
     body: Dict = {"split": split, **(extra or {}), "single_scale": single.as_dict(per_class=True)}
     if multi is not None:
         body["multi_scale"] = multi.as_dict(per_class=True)
@@ -116,7 +118,6 @@ def write_eval_file(run_dir, split: str, single: SegMetrics, multi: Optional[Seg
 def load_seg_run(run_dir: str, weights: Optional[str] = "__config__", overrides: Sequence[str] = ()):
     """(config, segmentation model with the run's tuned state, results.json or {}); ``overrides``
     (``KEY=VALUE``, e.g. ``device=cpu``, ``data.root=...``) change the saved config for this use."""
-    from .train import load_seg_model
     run = Path(run_dir)
     if not (run / rf.CONFIG).exists():
         raise rf.RunFolderError(f"{run_dir} is not a gapt run folder (no {rf.CONFIG})")
@@ -134,18 +135,13 @@ def load_seg_run(run_dir: str, weights: Optional[str] = "__config__", overrides:
 def eval_run(run_dir: str, split: str = "val", multi_scale: bool = False, overrides: Sequence[str] = ()) -> Dict:
     """Evaluate a finished run on a split; writes ``eval_<split>.json`` and, for val, updates
     results.json's metrics (``mIoU``, ``mAcc``, ``aAcc``; ``*_ms`` with ``multi_scale``)."""
-    from ..engine.trainer import resolve_device
     if split not in ("train", "val"):
         raise ValueError(f"unknown split '{split}'; valid: train, val")
     cfg, model, results = load_seg_run(run_dir, overrides=overrides)
-    device = resolve_device(cfg)
-    with dist.process_group(device.type), precision_scope(cfg.train.precision, device):  # fp32: TF32 off
-        return _eval_run(run_dir, split, multi_scale, cfg, model, results, device)
+    return in_process_group(cfg, lambda device: _eval_run(run_dir, split, multi_scale, cfg, model, results, device))
 
 
 def _eval_run(run_dir, split, multi_scale, cfg, model, results, device) -> Dict:
-    from ..engine.trainer import autocast_dtype
-    from .train import eval_pipeline, seg_dataset
     model.to(device)
     dtype = autocast_dtype(cfg, device)
     dataset = seg_dataset(cfg, split, eval_pipeline(cfg.crop_size), cfg.train.seed)
@@ -175,9 +171,6 @@ def predict_run(run_dir: str, images: List[str], out_dir: Optional[str] = None, 
     """Colour-coded masks (``<stem>_mask.png``, palette PNG whose values are the class indices)
     and overlays (``<stem>_overlay.png``) for image files or folders of images; default folder
     ``<run>/predictions``."""
-    from ..engine.trainer import resolve_device
-    from .train import eval_pipeline
-    from ..engine.inference import expand_images
     cfg, model, _ = load_seg_run(run_dir, overrides=overrides)
     files = expand_images(images)  # every path checked before the first forward
     device = resolve_device(cfg)
@@ -190,8 +183,6 @@ def predict_run(run_dir: str, images: List[str], out_dir: Optional[str] = None, 
 
 
 def _predict_files(model, cfg, files, pipe, out: Path, device, dtype, multi_scale: bool, alpha: float) -> List[Dict]:
-    from .data import load_image
-    from ..engine.progress import Progress
     done, stems = [], set()
     bar = Progress(len(files), "seg predict", enabled=len(files) > 1)
     for path in files:

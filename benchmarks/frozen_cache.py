@@ -1,15 +1,15 @@
-"""prefix_cache: training epochs of the insertion sweep (vpt-at-block k) from cached frozen prefixes vs all blocks.
+"""frozen_cache: training epochs of the insertion sweep (vpt-at-block k) from the cached output of the frozen leading blocks vs all blocks.
 
 Blocks 1..k-1 see no trainable tensor when prompts enter at block k, so on un-augmented data
-the engine computes their output once (``model.frozen_prefix``, via the engine's
-``precompute_prefix``) and trains from it (``model.forward_from_prefix``). Here both paths
+the engine computes their output once (``model.frozen_features``, via the engine's
+``precompute_frozen``) and trains from it (``model.forward_from_frozen``). Here both paths
 run the engine's own ``train_one_epoch`` over the same images; the cache build is timed
 separately. The target printed beside the ratio is (L / (L-k+1)) x 0.8.
 
 Why the target is out of reach for *training* epochs: the k-1 skipped blocks run forward
 only (nothing before block k needs a gradient) and without prompts, while the L-k+1 blocks
 both paths run also run backward. So the best a cache can do is
-T_all / (T_all - T_prefix_forward), printed as ``ideal``; forward-only epochs (validation)
+T_all / (T_all - T_frozen_forward), printed as ``ideal``; forward-only epochs (validation)
 do approach L / (L-k+1) and are printed as ``val``.
 """
 from __future__ import annotations
@@ -26,15 +26,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks._common import Clock, Result, build, main_for, paired, quiet, resolve_device, vit_name
 
-NAME = "prefix_cache"
+NAME = "frozen_cache"
 
 
 def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optional[Clock] = None,
         backbone: str = "mae_vitb16", insert_at_block: Union[int, Sequence[int], None] = None,
         num_prompts: int = 10, num_images: Optional[int] = None, batch: Optional[int] = None,
         image_size: Optional[int] = None, repeats: Optional[int] = None, **_) -> List[Result]:
-    """One line per insertion block: k = 7 (``prefix_cache``), and in the full run also k = 4 and
-    10 (``prefix_cache_k4``, ``prefix_cache_k10``): the target moves with k faster than the cache's
+    """One line per insertion block: k = 7 (``frozen_cache``), and in the full run also k = 4 and
+    10 (``frozen_cache_k4``, ``frozen_cache_k10``): the target moves with k faster than the cache's
     ideal does, so one k alone would say little."""
     ks = insert_at_block if insert_at_block is not None else ((7,) if quick else (7, 4, 10))
     ks = [ks] if isinstance(ks, int) else list(ks)
@@ -48,7 +48,7 @@ def run_one(k: int, main_line: bool, quick: bool, device: torch.device, clock: C
             num_prompts: int, num_images: Optional[int], batch: Optional[int], image_size: Optional[int],
             repeats: Optional[int]) -> Result:
     from gapt.engine.schedule import LRSchedule
-    from gapt.engine.trainer import evaluate, precompute_prefix, train_one_epoch
+    from gapt.engine.trainer import evaluate, precompute_frozen, train_one_epoch
 
     cuda = device.type == "cuda"
     batch = batch or (64 if cuda else 2)
@@ -68,15 +68,15 @@ def run_one(k: int, main_line: bool, quick: bool, device: torch.device, clock: C
 
     def build_cache():
         with quiet():
-            cached["data"] = precompute_prefix(model, data, batch, device, amp, "cache prefix")
+            cached["data"] = precompute_frozen(model, data, batch, device, amp, "cache frozen blocks")
     build_s = clock.time(build_cache)
     prefixes = cached["data"]
     with torch.no_grad():  # the cache must give the same logits as the full forward
         x0 = images[:batch].to(device)
         full = model(x0).float()
-        diff = (model.forward_from_prefix(prefixes.tensors[0][:batch].to(device)).float() - full).abs().max().item()
+        diff = (model.forward_from_frozen(prefixes.tensors[0][:batch].to(device)).float() - full).abs().max().item()
     if not diff <= 1e-3 * max(1.0, full.abs().max().item()):
-        raise AssertionError(f"forward_from_prefix differs from forward by {diff:.3g}")
+        raise AssertionError(f"forward_from_frozen differs from forward by {diff:.3g}")
 
     full_loader = DataLoader(data, batch_size=batch, shuffle=False)
     cached_loader = DataLoader(prefixes, batch_size=batch, shuffle=False)
@@ -90,7 +90,7 @@ def run_one(k: int, main_line: bool, quick: bool, device: torch.device, clock: C
                 train_one_epoch(model, forward, loader, opt, schedule, 50, device, amp)
         return go
 
-    t = paired(epoch(model, full_loader), epoch(model.forward_from_prefix, cached_loader), repeats, clock)
+    t = paired(epoch(model, full_loader), epoch(model.forward_from_frozen, cached_loader), repeats, clock)
 
     def val(forward, dataset):
         def go():
@@ -98,7 +98,7 @@ def run_one(k: int, main_line: bool, quick: bool, device: torch.device, clock: C
                 evaluate(forward, dataset, batch, device, amp, desc="val")
         return go
     model.eval()
-    v = paired(val(model, data), val(model.forward_from_prefix, prefixes), repeats, clock)
+    v = paired(val(model, data), val(model.forward_from_frozen, prefixes), repeats, clock)
 
     target = L / (L - k + 1) * 0.8
     ideal = t.baseline_s / max(t.baseline_s - build_s, 1e-12)
@@ -106,7 +106,7 @@ def run_one(k: int, main_line: bool, quick: bool, device: torch.device, clock: C
     detail = (f"engine train_one_epoch from cached block-{k - 1} outputs vs all {L} blocks, vpt-at-block k={k}, "
               f"{vit_name(model)}, {num_prompts} prompts, {num_images} images, batch {batch}, {precision}, "
               f"{clock.describe()}: {t.baseline_s:.2f}s -> {t.candidate_s:.2f}s per epoch, {t.spread()}; "
-              f"ideal (skip exactly the prefix forward) {ideal:.2f}x; val epochs {v.ratio:.2f}x; "
+              f"ideal (skip exactly the frozen blocks' forward) {ideal:.2f}x; val epochs {v.ratio:.2f}x; "
               f"cache build {build_s:.2f}s = {build_s / max(t.baseline_s, 1e-12):.2f} epochs")
     return Result(NAME if main_line else f"{NAME}_k{k}", t.ratio, detail, target,
                   extra={"timing": t, "val": v, "ideal": ideal, "build_s": build_s})
