@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from typing import List, Optional
@@ -233,6 +234,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args) or 0
+    except BrokenPipeError:
+        # `gapt keys | head`: the reader left; stop quietly, as other command-line tools do
+        # (stdout is pointed at devnull so the interpreter's final flush does not fail again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if not isinstance(e, user_errors()):
             raise

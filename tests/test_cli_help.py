@@ -171,3 +171,14 @@ def test_the_train_help_example_is_a_valid_offline_run(capsys):
     cfg = load_config(args.config, args.overrides)
     check_model_config(cfg)  # every setting valid, no file or download needed
     assert cfg.weights is None and cfg.data.format == "shapes"
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_a_traceback():
+    # `gapt keys | head -1`: head exits after one line; gapt must stop quietly with status 0
+    import subprocess, sys
+    proc = subprocess.Popen([sys.executable, "-m", "gapt", "keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # the reader is gone; gapt's next writes hit a broken pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -109,7 +109,7 @@ def _head(value: str):
 
 
 def add_commands(subparsers) -> None:
-    a = subparsers.add_parser("analyze", help="gates / attention maps / insertion-location sweep")
+    a = subparsers.add_parser("analyze", help="the paper's figures from runs: gates, attention, insertion, reconstruct, ablation, tokens")
     sub = a.add_subparsers(dest="analysis", metavar="ANALYSIS")
     a.set_defaults(func=lambda args: (a.print_help(), 2)[1])
 

@@ -84,7 +84,7 @@ def _main_wrapper(args) -> int:
 
 
 def add_commands(subparsers) -> None:
-    r = subparsers.add_parser("reproduce", help="train the runs of a paper table and write it beside the paper's",
+    r = subparsers.add_parser("reproduce", help="train the runs of a paper table or figure, then write it beside the paper's",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("table", help="table1, table2, table3, table4, table6, table7, table8, or a figure: fig1, fig2, "
                                  "fig4, fig5, fig6, fig7, fig8, fig9")
