@@ -62,13 +62,18 @@ class TrainConfig:
     grad_checkpointing: bool = False
     max_steps_per_epoch: int = 0    # 0 = whole epoch; >0 caps an epoch (smoke runs)
     eval_test_every_epoch: bool = False  # the reference protocol (costly); off by default
-    # segmentation (gapt seg train): iteration-based with poly decay
+    logger: str = "auto"              # auto (tensorboard if installed, else none) | tensorboard | wandb | none
+
+
+@dataclass
+class SegConfig:
+    """Segmentation only (gapt seg train): iteration-based with poly decay."""
     iterations: int = 0             # > 0: train this many iterations (segmentation)
     eval_every: int = 0             # segmentation: evaluate val every N iterations (0 = at the end only)
     head_lr_mult: float = 10.0      # segmentation heads' lr multiplier (SETR recipe)
     poly_power: float = 0.9
     min_lr: float = 1e-4
-    logger: str = "auto"              # auto (tensorboard if installed, else none) | tensorboard | wandb | none
+    crop_size: int = 512            # segmentation: training crop and sliding window
 
 
 @dataclass
@@ -77,9 +82,9 @@ class RunConfig(MethodSettings):
     backbone: str = "mae_vitb16"
     weights: Optional[str] = None   # checkpoint path, "timm" (hub), or null (random backbone)
     image_size: int = 224
-    crop_size: int = 512            # segmentation: training crop and sliding window
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
     out: str = "runs/default"
     device: str = "auto"            # auto | cpu | cuda | cuda:N
 
@@ -131,8 +136,8 @@ KEY_HELP = {
     "train.seed": "seed of data order, augmentation, carve-outs, prompts and a random backbone",
     "train.compile": "torch.compile the training forward",
     "train.grad_checkpointing": "recompute block activations in the backward pass (less memory, slower)",
-    "train.poly_power": "segmentation: poly learning-rate decay power",
-    "train.min_lr": "segmentation: the learning rate the poly decay ends at",
+    "seg.poly_power": "segmentation: poly learning-rate decay power",
+    "seg.min_lr": "segmentation: the learning rate the poly decay ends at",
     "out": "run folder (config.yaml, metrics.jsonl, results.json, tuned.safetensors, last.pt)",
 }
 
@@ -142,7 +147,8 @@ def _comment_help() -> dict:
     import inspect
     import re
     out = {}
-    for cls, prefix in ((MethodSettings, ""), (RunConfig, ""), (DataConfig, "data."), (TrainConfig, "train.")):
+    for cls, prefix in ((MethodSettings, ""), (RunConfig, ""), (DataConfig, "data."), (TrainConfig, "train."),
+                        (SegConfig, "seg.")):
         try:
             source = inspect.getsource(cls)
         except (OSError, TypeError):  # no source shipped: descriptions come from KEY_HELP only
@@ -168,7 +174,35 @@ def all_keys(cls=RunConfig, prefix: str = "") -> List[str]:
     return keys
 
 
+# Keys that moved: an old name is an error that says where it went, and a run folder's saved
+# config.yaml from before is read with them translated (translate_moved_keys).
+MOVED_KEYS = {"train.iterations": "seg.iterations", "train.eval_every": "seg.eval_every",
+              "train.head_lr_mult": "seg.head_lr_mult", "train.poly_power": "seg.poly_power",
+              "train.min_lr": "seg.min_lr", "crop_size": "seg.crop_size"}
+
+
+def translate_moved_keys(d: dict) -> dict:
+    """A nested config dict (a saved config.yaml) with the MOVED_KEYS under their new names."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for old, new in MOVED_KEYS.items():
+        *old_path, old_leaf = old.split(".")
+        node = out
+        for p in old_path:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_leaf not in node:
+            continue
+        value = node.pop(old_leaf)
+        *new_path, new_leaf = new.split(".")
+        target = out
+        for p in new_path:
+            target = target.setdefault(p, {})
+        target.setdefault(new_leaf, value)
+    return out
+
+
 def _suggest(key: str, keys: List[str]) -> str:
+    if key in MOVED_KEYS:
+        return f" (moved to '{MOVED_KEYS[key]}')"
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not close:  # a bare leaf name such as "lr" should point at "train.lr"
         close = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
@@ -252,8 +286,11 @@ def list_presets() -> List[str]:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                base: Optional[dict] = None) -> RunConfig:
-    """Merge defaults <- ``base`` <- YAML file <- overrides; validate; return a RunConfig."""
+                base: Optional[dict] = None, saved: bool = False) -> RunConfig:
+    """Merge defaults <- ``base`` <- YAML file <- overrides; validate; return a RunConfig.
+
+    ``saved``: the file is a run folder's config.yaml, possibly written before keys moved
+    (MOVED_KEYS); they are read under their new names."""
     layers = [OmegaConf.structured(RunConfig)]
     if base:
         _check_unknown(base)
@@ -270,6 +307,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must be a mapping of keys (KEY: VALUE lines), "
                               f"not a {type(loaded).__name__}")
+        if saved:
+            loaded = translate_moved_keys(loaded)
         _check_unknown(loaded, source=str(path))
         layers.append(OmegaConf.create(loaded))
     if overrides:

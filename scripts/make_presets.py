@@ -113,17 +113,18 @@ def seg_preset(backbone: str, weights: str, method: str, prompts: int) -> str:
     return (f"# ADE20K semantic segmentation with {backbone}{title} (SPEC §6: SETR-PUP heads, aux heads on blocks 5 and 9):\n"
             f"# change data.root and weights, nothing else.  gapt seg train --config <this file>\n"
             f"backbone: {backbone}\nweights: {weights}\n{head}"
-            f"crop_size: 512            # training crop, sliding-window size (stride 341) and position-embedding grid\n"
             f"data:\n  format: ade20k\n"
             f"  root: /path/to/ADEChallengeData2016   # holds images/{{training,validation}}, annotations/{{training,validation}}\n"
             f"  num_workers: 4\n"
-            f"train:\n  iterations: 160000\n  eval_every: 16000\n"
+            f"train:\n"
             f"  batch_size: {batch}          # in total; split over torchrun processes\n"
             f"  lr: {lr:g}               # Table 5: prompts, gates (and temperatures)\n"
-            f"  head_lr_mult: 10.0      # SETR-PUP decode + auxiliary heads at 0.01\n"
-            f"  poly_power: 0.9\n  min_lr: 0.0001          # poly decay floor, reached at the last iteration\n"
             f"  weight_decay: 0.0\n  optimizer: sgd\n  momentum: 0.9\n  seed: 42\n"
             f"  precision: fp32         # the reference's precision (no AMP, no TF32)\n"
+            f"seg:\n  iterations: 160000\n  eval_every: 16000\n"
+            f"  head_lr_mult: 10.0      # SETR-PUP decode + auxiliary heads at 0.01\n"
+            f"  poly_power: 0.9\n  min_lr: 0.0001          # poly decay floor, reached at the last iteration\n"
+            f"  crop_size: 512          # training crop, sliding-window size (stride 341) and position-embedding grid\n"
             f"out: runs/ade20k/{backbone}-{method}\n")
 
 

@@ -126,8 +126,25 @@ def test_a_bare_config_file_suggests_config_flag(tmp_path, capsys, monkeypatch):
 
 def test_yaml_floats_are_read_as_omegaconf_reads_them(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  min_lr: 1e-5\n")
-    assert load_config(str(path)).train.min_lr == pytest.approx(1e-5)
+    path.write_text("seg:\n  min_lr: 1e-5\n")
+    assert load_config(str(path)).seg.min_lr == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("old,new", [("train.iterations", "seg.iterations"), ("train.eval_every", "seg.eval_every"),
+                                     ("train.head_lr_mult", "seg.head_lr_mult"),
+                                     ("train.poly_power", "seg.poly_power"), ("train.min_lr", "seg.min_lr"),
+                                     ("crop_size", "seg.crop_size")])
+def test_a_moved_key_says_where_it_went(tmp_path, capsys, old, new):
+    assert new in all_keys() and old not in all_keys()
+    with pytest.raises(ConfigError, match=re.escape(f"unknown config key '{old}' (moved to '{new}')")):
+        load_config(None, [f"{old}=1"])
+    path = tmp_path / "old.yaml"
+    section, _, leaf = old.rpartition(".")
+    path.write_text(f"{section}:\n  {leaf}: 1\n" if section else f"{leaf}: 1\n")
+    with pytest.raises(ConfigError, match=re.escape(f"unknown config key '{old}' in {path} (moved to '{new}')")):
+        load_config(str(path))
+    assert main(["seg", "train", f"{old}=1"]) == 1
+    assert f"(moved to '{new}')" in capsys.readouterr().err
 
 
 def test_build_model_docstring_documents_every_parameter():

@@ -115,7 +115,7 @@ def test_seg_train_defaults_to_ade20k(tmp_path, monkeypatch):
     root = write_ade(tmp_path / "ADEChallengeData2016", n_train=2, n_val=1)
     out = tmp_path / "run"
     assert main(["seg", "train", f"data.root={root}", "backbone=test_mae_tiny", "weights=null", "num_prompts=2",
-                 "crop_size=32", "train.batch_size=2", "train.iterations=1", "data.num_workers=0", "device=cpu",
+                 "seg.crop_size=32", "train.batch_size=2", "seg.iterations=1", "data.num_workers=0", "device=cpu",
                  f"out={out}"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["benchmark"] == "ade20k" and res["data"]["num_classes"] == 150
@@ -125,7 +125,7 @@ def test_seg_train_defaults_to_ade20k(tmp_path, monkeypatch):
     from gapt.config import load_config
     from gapt.seg.commands import SEG_DEFAULTS
     assert load_config(None, ["data.format=seg_folder"], base=SEG_DEFAULTS).data.format == "seg_folder"
-    assert load_config(None, [], base=SEG_DEFAULTS).train.iterations == 160000
+    assert load_config(None, [], base=SEG_DEFAULTS).seg.iterations == 160000
 
 
 # -- 4. `gapt analyze gates` reads segmentation runs --------------------------------------------
@@ -137,7 +137,7 @@ def test_analyze_gates_reads_a_segmentation_run(tmp_path, monkeypatch, capsys):
     root = write_ade(tmp_path / "ade", n_train=2, n_val=1)
     seg = tmp_path / "ade-gated"
     assert main(["seg", "train", *overrides(root, seg, gate_init=1, learn_temperature="true", num_prompts=2,
-                                            **{"train.iterations": 2, "train.eval_every": 0, "train.lr": 0.5})]) == 0
+                                            **{"seg.iterations": 2, "seg.eval_every": 0, "train.lr": 0.5})]) == 0
     cls = tmp_path / "cls-gated"
     assert main(["train", *SHORT, "method=gated", "learn_temperature=true", "train.epochs=1", f"out={cls}"]) == 0
     capsys.readouterr()

@@ -45,8 +45,8 @@ def test_seg_run_with_moved_weights(tmp_path, backbone_file, capsys, monkeypatch
     monkeypatch.setattr(seg_train, "HEAD_CHANNELS", 16)
     ade = write_ade(tmp_path / "ade", n_train=2, n_val=1)
     run = tmp_path / "seg"
-    assert main(["seg", "train", *overrides(ade, run, weights=str(backbone_file), **{"train.iterations": 2,
-                                                                                     "train.eval_every": 0})]) == 0
+    assert main(["seg", "train", *overrides(ade, run, weights=str(backbone_file), **{"seg.iterations": 2,
+                                                                                     "seg.eval_every": 0})]) == 0
     miou = json.loads((run / "results.json").read_text())["metrics"]["mIoU"]
     moved = backbone_file.rename(tmp_path / "elsewhere.pth")
     capsys.readouterr()

@@ -98,7 +98,7 @@ def test_segmentation_run_precision(tmp_path, monkeypatch, tf32_on):
     root = write_ade(tmp_path / "ade", n_train=2, n_val=1)
     with monkeypatch.context() as mp:
         mp.setattr(seg_train, "HEAD_CHANNELS", 8)
-        cfg = load_config(None, seg_overrides(root, tmp_path / "run", **{"train.iterations": 1, "train.eval_every": 0,
+        cfg = load_config(None, seg_overrides(root, tmp_path / "run", **{"seg.iterations": 1, "seg.eval_every": 0,
                                                                            "train.precision": "fp32"}))
         res = seg_train.train_seg(cfg)
     assert seen and all(s == (False, False, "highest") for s in seen)

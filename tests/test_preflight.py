@@ -28,9 +28,9 @@ def test_model_settings_fail_before_data_and_folder(tmp_path, capsys, override, 
 
 def test_seg_crop_size_is_checked_against_the_patch(tmp_path, capsys):
     out = tmp_path / "seg"
-    assert main(["seg", "train", "backbone=test_mae_tiny", "weights=null", "crop_size=36", "data.format=seg_folder",
-                 f"data.root={tmp_path / 'nowhere'}", "train.iterations=2", "device=cpu", f"out={out}"]) == 1
-    assert "'crop_size': 36 is not a multiple" in capsys.readouterr().err
+    assert main(["seg", "train", "backbone=test_mae_tiny", "weights=null", "seg.crop_size=36", "data.format=seg_folder",
+                 f"data.root={tmp_path / 'nowhere'}", "seg.iterations=2", "device=cpu", f"out={out}"]) == 1
+    assert "'seg.crop_size': 36 is not a multiple" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -275,8 +275,8 @@ def test_table6_runs_segmentation_through_the_sweep_executor(tmp_path, monkeypat
     data = tmp_path / "data"
     write_ade(data / "ADEChallengeData2016", n_train=2, n_val=1)
     out = tmp_path / "rep"
-    tiny = ["backbone=test_mae_tiny", "weights=null", "crop_size=32", "train.batch_size=2", "train.iterations=2",
-            "train.eval_every=0", "train.lr=0.01", "train.min_lr=0.0001", "data.num_workers=0", "device=cpu"]
+    tiny = ["backbone=test_mae_tiny", "weights=null", "seg.crop_size=32", "train.batch_size=2", "seg.iterations=2",
+            "seg.eval_every=0", "train.lr=0.01", "seg.min_lr=0.0001", "data.num_workers=0", "device=cpu"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["reproduce", "table6", "--backbone", "mae_vitb16", "--data-root", str(data), "--out", str(out),

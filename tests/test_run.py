@@ -99,7 +99,7 @@ def test_segmentation_builds_its_random_backbone_from_train_seed(tmp_path):
     """One way to seed a random backbone (classification's): train.seed, whatever the global RNG."""
     from gapt.engine.trainer import model_from_config
     from gapt.seg.model import build_seg_model
-    cfg = cfg_at(tmp_path, "crop_size=32", "train.seed=5")
+    cfg = cfg_at(tmp_path, "seg.crop_size=32", "train.seed=5")
     torch.manual_seed(0)
     first = build_seg_model(cfg, 3, channels=8).encoder.backbone.state_dict()
     torch.manual_seed(1)

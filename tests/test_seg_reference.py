@@ -157,7 +157,7 @@ def test_segmentation_loads_the_position_embedding_bilinearly(tmp_path):
     sd["pos_embed"] = ramp_pos_embed(4)  # test_mae_tiny: 32 px / patch 8 = a 4x4 grid
     torch.save({"model": sd}, tmp_path / "mae.pth")
     cfg = load_config(None, ["backbone=test_mae_tiny", f"weights={tmp_path / 'mae.pth'}", "num_prompts=2",
-                             "crop_size=56", "device=cpu"])
+                             "seg.crop_size=56", "device=cpu"])
     seg = build_seg_model(cfg, num_classes=3, channels=8)
     enc = seg.encoder
     assert enc.pos_embed_interpolation == "bilinear"

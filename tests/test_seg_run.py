@@ -59,8 +59,8 @@ def write_ade(root, n_train=4, n_val=2):
 
 def overrides(root, out, **extra):
     kv = {"backbone": "test_mae_tiny", "weights": "null", "method": "gated", "num_prompts": 4, "gate_init": 10,
-          "crop_size": 32, "train.batch_size": 2, "train.iterations": 4, "train.eval_every": 2, "train.lr": 0.01,
-          "train.min_lr": 0.0001, "data.format": "ade20k", "data.root": str(root), "data.num_workers": 0,
+          "seg.crop_size": 32, "train.batch_size": 2, "seg.iterations": 4, "seg.eval_every": 2, "train.lr": 0.01,
+          "seg.min_lr": 0.0001, "data.format": "ade20k", "data.root": str(root), "data.num_workers": 0,
           "device": "cpu", "out": str(out)}
     kv.update(extra)
     return [f"{k}={v}" for k, v in kv.items()]
@@ -111,10 +111,10 @@ def test_recipe_values():
 def test_presets_follow_spec(name):
     import gapt
     cfg = load_config(str(Path(gapt.__file__).parent / "configs" / "ade20k" / f"{name}.yaml"))
-    t = cfg.train
-    assert (cfg.backbone, cfg.method, cfg.num_prompts, cfg.gate_init, cfg.crop_size) == (name, "gated", 100, 10, 512)
-    assert (t.batch_size, t.lr, t.head_lr_mult, t.poly_power, t.min_lr, t.iterations) == (16, 0.001, 10, 0.9, 1e-4,
-                                                                                          160000)
+    t, sg = cfg.train, cfg.seg
+    assert (cfg.backbone, cfg.method, cfg.num_prompts, cfg.gate_init, sg.crop_size) == (name, "gated", 100, 10, 512)
+    assert (t.batch_size, t.lr, sg.head_lr_mult, sg.poly_power, sg.min_lr, sg.iterations) == (16, 0.001, 10, 0.9,
+                                                                                               1e-4, 160000)
     assert (t.optimizer, t.momentum, t.weight_decay, cfg.data.format) == ("sgd", 0.9, 0.0, "ade20k")
 
 
@@ -161,6 +161,29 @@ def test_eval_reproduces_training_metrics(trained_run, capsys):
     assert set(after) == set(before)
     saved = json.loads((trained_run / "eval_val.json").read_text())
     assert set(saved) >= {"split", "single_scale", "multi_scale"}
+
+
+def test_a_run_saved_before_the_seg_section_still_resumes_and_evaluates(trained_run, ade_root, tmp_path, capsys):
+    """config.yaml of the layout before `seg:` (train.iterations ... train.min_lr, top-level crop_size)."""
+    import shutil
+    from gapt.engine.run import config_for_resume
+    old = shutil.copytree(trained_run, tmp_path / "old")
+    (old / "config.yaml").write_text(
+        "backbone: test_mae_tiny\nweights: null\nmethod: gated\nnum_prompts: 4\ngate_init: 10\n"
+        "learn_temperature: true\nimage_size: 224\ncrop_size: 32\n"
+        f"data:\n  format: ade20k\n  root: {ade_root}\n  num_workers: 0\n"
+        "train:\n  batch_size: 2\n  lr: 0.01\n  iterations: 4\n  eval_every: 2\n  head_lr_mult: 10.0\n"
+        "  poly_power: 0.9\n  min_lr: 0.0001\n"
+        f"out: {trained_run}\ndevice: cpu\n")
+    cfg = config_for_resume(str(old))
+    assert (cfg.seg.iterations, cfg.seg.eval_every, cfg.seg.crop_size, cfg.seg.min_lr, cfg.out) == \
+        (4, 2, 32, 1e-4, str(old))
+    before = json.loads((trained_run / "results.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert main(["seg", "eval", str(old), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mIoU"] == pytest.approx(before["mIoU"])
+    assert main(["seg", "train", "--resume", str(old)]) == 0  # finished: says so, trains nothing
+    assert json.loads((old / "results.json").read_text())["metrics"] == before
 
 
 def test_eval_with_the_dataset_elsewhere(trained_run, ade_root, tmp_path, capsys):
@@ -244,7 +267,7 @@ def test_only_prompts_gates_temperatures_and_heads_change(ade_root, tmp_path, na
 
 
 def test_resume_equals_uninterrupted(ade_root, tmp_path, narrow_heads):
-    extra = dict(method="vpt-deep", learn_temperature="true", **{"train.iterations": 4, "train.eval_every": 0})
+    extra = dict(method="vpt-deep", learn_temperature="true", **{"seg.iterations": 4, "seg.eval_every": 0})
     full, split = tmp_path / "full", tmp_path / "split"
     train_seg(load_config(None, overrides(ade_root, full, **extra)), log_every=2)
     # stop mid-pass (2 steps a pass) and mid-log-interval, then continue through the CLI
@@ -274,14 +297,14 @@ def test_eval_shards_count_every_image_once(trained_run, ade_root, monkeypatch):
     import gapt.engine.distributed as dist
     import gapt.seg.evaluate as ev
     cfg, model, _ = load_seg_run(str(trained_run))
-    train_images = seg_dataset(cfg, "train", seg_recipe.eval_pipeline(cfg.crop_size))  # 4 images: 2 per rank
+    train_images = seg_dataset(cfg, "train", seg_recipe.eval_pipeline(cfg.seg.crop_size))  # 4 images: 2 per rank
     captured = []
     monkeypatch.setattr(ev, "reduce_confusion", lambda cm: captured.append(cm.clone()) or cm)
-    whole = evaluate_seg(model, train_images, cfg.crop_size, torch.device("cpu"))
+    whole = evaluate_seg(model, train_images, cfg.seg.crop_size, torch.device("cpu"))
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     for r in (0, 1):
         monkeypatch.setattr(dist, "rank", lambda r=r: r)
-        evaluate_seg(model, train_images, cfg.crop_size, torch.device("cpu"))
+        evaluate_seg(model, train_images, cfg.seg.crop_size, torch.device("cpu"))
     assert torch.equal(captured[1] + captured[2], captured[0])
     assert captured[1].sum() > 0 and captured[2].sum() > 0
     assert not np.isnan(whole.miou) and whole.iou.shape == (150,)
@@ -291,8 +314,8 @@ def test_eval_shards_count_every_image_once(trained_run, ade_root, monkeypatch):
 def test_config_errors_are_named(ade_root, tmp_path, capsys):
     assert main(["seg", "train", *overrides(ade_root, tmp_path / "a", **{"data.format": "fgvc"})]) == 1
     assert "data.format" in capsys.readouterr().err
-    assert main(["seg", "train", *overrides(ade_root, tmp_path / "b", **{"train.iterations": 0})]) == 1
-    assert "train.iterations" in capsys.readouterr().err
+    assert main(["seg", "train", *overrides(ade_root, tmp_path / "b", **{"seg.iterations": 0})]) == 1
+    assert "seg.iterations" in capsys.readouterr().err
     assert main(["seg", "train", *overrides(tmp_path / "nowhere", tmp_path / "c")]) == 1
     assert "not found" in capsys.readouterr().err
     assert main(["seg", "eval", str(tmp_path)]) == 1
@@ -311,7 +334,7 @@ def test_seg_folder_format(tmp_path, narrow_heads):
             Image.fromarray(labels).save(root / "masks" / split / f"{i}.png")
     (root / "classes.txt").write_text("road\ncar\nsky\n")
     out = tmp_path / "run"
-    args = overrides(root, out, **{"data.format": "seg_folder", "train.iterations": 2, "train.eval_every": 0})
+    args = overrides(root, out, **{"data.format": "seg_folder", "seg.iterations": 2, "seg.eval_every": 0})
     assert main(["seg", "train", *args]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["benchmark"] == "seg_folder" and res["task"] == "streets"
@@ -327,7 +350,7 @@ def test_seg_folder_format(tmp_path, narrow_heads):
 def test_every_method_segments(method, extra):
     """Each transfer method feeds the heads (aux blocks 2, 3 of 4; vpt@3's block 2 has no prompts yet)."""
     from gapt.seg import seg_loss
-    cfg = load_config(None, [f"method={method}", "backbone=test_moco_tiny", "crop_size=32", "num_prompts=3",
+    cfg = load_config(None, [f"method={method}", "backbone=test_moco_tiny", "seg.crop_size=32", "num_prompts=3",
                              *[f"{k}={v}" for k, v in extra.items()]])
     model = build_seg_model(cfg, 150, channels=8).train()
     x, y = torch.randn(2, 3, 40, 24), torch.randint(0, 150, (2, 40, 24))

@@ -25,7 +25,7 @@ def load_run(run_dir: str, overrides: Sequence[str] = ()):
         raise rf.RunFolderError(f"{run_dir} is not a gapt run folder (no {rf.CONFIG})")
     if not (run / rf.TUNED).exists():
         raise rf.RunFolderError(f"{run_dir} has no {rf.TUNED} yet (is the run finished?)")
-    cfg = C.load_config(str(run / rf.CONFIG), list(overrides))
+    cfg = C.load_config(str(run / rf.CONFIG), list(overrides), saved=True)
     rf.check_run_weights(run_dir, cfg.weights)
     model = load_model(str(run / rf.TUNED), weights=cfg.weights, random_seed=cfg.train.seed)
     results = rf.read_json(run / rf.RESULTS) if (run / rf.RESULTS).exists() else {}

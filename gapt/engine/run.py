@@ -84,7 +84,7 @@ def set_rng_state(s: Dict, model=None) -> None:
 def check_model_config(cfg: C.RunConfig, size_key: str = "image_size") -> None:
     """Backbone name, weights file, image size vs patch size, insertion block: before any data or file."""
     from ..model.preflight import check_model_settings
-    check_model_settings(cfg.backbone, cfg.weights, getattr(cfg, size_key), cfg.method, cfg.insert_at_block,
+    check_model_settings(cfg.backbone, cfg.weights, C.get_key(cfg, size_key), cfg.method, cfg.insert_at_block,
                          size_key)
 
 
@@ -94,7 +94,7 @@ def config_for_resume(run_dir: str) -> C.RunConfig:
         raise rf.RunFolderError(f"run folder {run_dir} does not exist; nothing to resume")
     if not (Path(run_dir) / rf.RESUME).exists():
         raise rf.RunFolderError(f"{run_dir} has no resume file ({rf.RESUME}); nothing to resume")
-    cfg = C.load_config(str(path))
+    cfg = C.load_config(str(path), saved=True)
     return replace(cfg, out=str(run_dir))
 
 

@@ -303,7 +303,7 @@ def first_image(run_dir: PathLike) -> Path:
     """The first image file (sorted by path) under the data.root of a run's config.yaml."""
     from .. import config as C
     from ..data import IMAGE_EXTENSIONS
-    cfg = C.load_config(str(Path(run_dir) / "config.yaml"))
+    cfg = C.load_config(str(Path(run_dir) / "config.yaml"), saved=True)
     root = Path(cfg.data.root or ".")
     found = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
     if not found:

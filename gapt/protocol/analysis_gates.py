@@ -25,7 +25,7 @@ def run_identity(run_dir) -> Dict[str, Any]:
         pass
     try:
         from .. import config as C
-        cfg = C.load_config(str(run / "config.yaml"))
+        cfg = C.load_config(str(run / "config.yaml"), saved=True)
         return {"task": cfg.data.name or cfg.data.format, "backbone": cfg.backbone}
     except Exception:  # noqa: BLE001 - a folder without a readable config: unnamed
         return {"task": "?", "backbone": "?"}

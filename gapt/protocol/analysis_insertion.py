@@ -35,7 +35,7 @@ def _check_same_run(run_dir: Path, cfg) -> None:
     saved_path = run_dir / rf.CONFIG
     if not saved_path.is_file():
         return
-    differ = C.run_differences(C.load_config(str(saved_path)), cfg)
+    differ = C.run_differences(C.load_config(str(saved_path), saved=True), cfg)
     if differ:
         raise ValueError(f"{run_dir} holds a run with another config (differs in: "
                          + ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in differ.items())

@@ -309,7 +309,7 @@ def spec_jobs(spec: RunSpec, out: Path, overrides: Sequence[str], seeds: int):
 
 
 def _epochs(cfg: C.RunConfig) -> int:
-    return cfg.train.iterations if cfg.data.format == "ade20k" else cfg.train.epochs
+    return cfg.seg.iterations if cfg.data.format == "ade20k" else cfg.train.epochs
 
 
 def dry_run(plan: Plan, out: Path, data_root: Path, weights: Dict[str, str], user: Sequence[str],

@@ -146,7 +146,7 @@ def check_same_run(job: Job) -> None:
     if not saved.exists() or job.cfg is None:
         return
     try:
-        old = C.load_config(str(saved))
+        old = C.load_config(str(saved), saved=True)
     except C.ConfigError as e:
         raise SweepError(f"{folder} holds a run whose config cannot be read ({e}); "
                          f"delete that folder or choose another out=") from None

@@ -76,7 +76,7 @@ def gapt_trainable(config: Dict[str, Any], specs: Dict[str, Dict[str, Any]]) -> 
                 handler.close()
                 gapt_log.removeHandler(handler)
             return
-        cfg = C.load_config(str(folder / TRIAL_CONFIG))
+        cfg = C.load_config(str(folder / TRIAL_CONFIG), saved=True)
         cfg = localize_device(dataclasses.replace(cfg, out=str(folder)), gpu)
     except Exception as e:
         write_error(folder, format_error(e), traceback.format_exc())

@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 import sys
 
-SEG_EPILOG = ("Config keys: KEY=VALUE overrides, e.g. data.root=/data/ADEChallengeData2016 train.iterations=80000; "
+SEG_EPILOG = ("Config keys: KEY=VALUE overrides, e.g. data.root=/data/ADEChallengeData2016 seg.iterations=80000; "
               "see `gapt keys`. Presets: --config ade20k/mae_vitb16 or ade20k/mocov3_vitb16. Without --config "
-              "the SETR-PUP ADE20K recipe is the default: data.format=ade20k, train.iterations=160000, "
-              "train.eval_every=16000, train.batch_size=16, train.lr=0.001.")
+              "the SETR-PUP ADE20K recipe is the default: data.format=ade20k, seg.iterations=160000, "
+              "seg.eval_every=16000, train.batch_size=16, train.lr=0.001.")
 # What `gapt seg train` starts from, under the YAML file and the overrides: the classification
 # defaults (data.format=folder, no iterations) would stop a plain `gapt seg train data.root=...`.
 SEG_DEFAULTS = {"data": {"format": "ade20k"},
-                "train": {"iterations": 160000, "eval_every": 16000, "batch_size": 16, "lr": 0.001}}
+                "seg": {"iterations": 160000, "eval_every": 16000}, "train": {"batch_size": 16, "lr": 0.001}}
 
 
 def cmd_seg_train(args) -> int:

@@ -124,7 +124,7 @@ def load_seg_run(run_dir: str, weights: Optional[str] = "__config__", overrides:
     if not (run / rf.TUNED).exists():
         raise rf.RunFolderError(f"{run_dir} has no {rf.TUNED} yet (is the run finished? continue it with "
                                 f"`gapt seg train --resume {run_dir}`)")
-    cfg = C.load_config(str(run / rf.CONFIG), list(overrides))
+    cfg = C.load_config(str(run / rf.CONFIG), list(overrides), saved=True)
     if weights == "__config__":
         rf.check_run_weights(run_dir, cfg.weights)
     model, _ = load_seg_model(run / rf.TUNED, cfg, cfg.weights if weights == "__config__" else weights)
@@ -144,9 +144,9 @@ def eval_run(run_dir: str, split: str = "val", multi_scale: bool = False, overri
 def _eval_run(run_dir, split, multi_scale, cfg, model, results, device) -> Dict:
     model.to(device)
     dtype = autocast_dtype(cfg, device)
-    dataset = seg_dataset(cfg, split, eval_pipeline(cfg.crop_size), cfg.train.seed)
-    single = evaluate_seg(model, dataset, cfg.crop_size, device, dtype, cfg.data.num_workers, desc=split)
-    multi = (evaluate_seg(model, dataset, cfg.crop_size, device, dtype, cfg.data.num_workers, multi_scale=True,
+    dataset = seg_dataset(cfg, split, eval_pipeline(cfg.seg.crop_size), cfg.train.seed)
+    single = evaluate_seg(model, dataset, cfg.seg.crop_size, device, dtype, cfg.data.num_workers, desc=split)
+    multi = (evaluate_seg(model, dataset, cfg.seg.crop_size, device, dtype, cfg.data.num_workers, multi_scale=True,
                           desc=f"{split} multi-scale") if multi_scale else None)
     record = precision_record(cfg.train.precision, device)
     out = {"run": str(run_dir), "split": split, "images": len(dataset), **single.as_dict(), **record}
@@ -175,7 +175,7 @@ def predict_run(run_dir: str, images: List[str], out_dir: Optional[str] = None, 
     files = expand_images(images)  # every path checked before the first forward
     device = resolve_device(cfg)
     model.to(device)
-    pipe = multiscale_pipeline(cfg.crop_size) if multi_scale else eval_pipeline(cfg.crop_size)
+    pipe = multiscale_pipeline(cfg.seg.crop_size) if multi_scale else eval_pipeline(cfg.seg.crop_size)
     out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     with precision_scope(cfg.train.precision, device) as dtype:  # the run's precision (fp32: TF32 off)
@@ -189,7 +189,7 @@ def _predict_files(model, cfg, files, pipe, out: Path, device, dtype, multi_scal
         rgb = load_image(path)
         tensor, _ = pipe(rgb, np.zeros(rgb.shape[:2], dtype=np.uint8))
         batch = [t[None] for t in tensor] if multi_scale else tensor[None]
-        scores = predict_logits(model, batch, rgb.shape[:2], cfg.crop_size, device, dtype, multi_scale)
+        scores = predict_logits(model, batch, rgb.shape[:2], cfg.seg.crop_size, device, dtype, multi_scale)
         mask = scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
         stem = Path(path).stem
         if stem in stems:  # two inputs with one name: keep both

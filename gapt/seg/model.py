@@ -1,5 +1,5 @@
 """Building, saving and loading the segmentation model: the prompted encoder of a config (position
-embeddings at ``crop_size``) with SETR-PUP heads (:mod:`gapt.seg.head`), its tuned state, and the
+embeddings at ``seg.crop_size``) with SETR-PUP heads (:mod:`gapt.seg.head`), its tuned state, and the
 tuned file (safetensors + the metadata that rebuilds the model, the backbone's checksum).
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def aux_blocks_for_depth(depth: int) -> Tuple[int, ...]:
 
 def build_seg_model(cfg: C.RunConfig, num_classes: int, class_names: Optional[List[str]] = None,
                     aux_blocks: Optional[Tuple[int, ...]] = None, channels: Optional[int] = None) -> SegmentationModel:
-    """The prompted encoder of ``cfg`` (position embeddings at ``crop_size``) with SETR-PUP heads.
+    """The prompted encoder of ``cfg`` (position embeddings at ``seg.crop_size``) with SETR-PUP heads.
 
     The encoder's classification head is replaced by an identity: it would be an unused
     trainable tensor (DDP would need find_unused_parameters) and is not part of the tuned state;
@@ -60,7 +60,7 @@ def build_seg_model(cfg: C.RunConfig, num_classes: int, class_names: Optional[Li
         if cfg.weights is None:
             warnings.simplefilter("ignore")
         encoder = build_model(cfg.backbone, MethodSettings.of(cfg), num_classes=num_classes, weights=cfg.weights,
-                              image_size=cfg.crop_size, class_names=class_names, random_seed=cfg.train.seed,
+                              image_size=cfg.seg.crop_size, class_names=class_names, random_seed=cfg.train.seed,
                               pos_embed_interpolation=SEG_POS_EMBED_INTERPOLATION)
     encoder.head = nn.Identity()
     encoder.backbone.norm.requires_grad_(False)  # the heads read tokens before the final norm (method full)
@@ -102,7 +102,7 @@ def backbone_checksum(model: SegmentationModel) -> str:
 
 def seg_identity(cfg: C.RunConfig, model: SegmentationModel) -> Dict:
     enc = model.encoder
-    return {"backbone": enc.backbone_name, **enc.settings.as_dict(), "crop_size": cfg.crop_size,
+    return {"backbone": enc.backbone_name, **enc.settings.as_dict(), "crop_size": cfg.seg.crop_size,
             "num_classes": model.num_classes, "class_names": model.class_names, "aux_blocks": list(model.aux_blocks),
             "channels": model.decode_head.conv_seg.in_channels, "depth": enc.depth, "embed_dim": enc.embed_dim}
 
@@ -143,7 +143,7 @@ def read_seg_tuned(path) -> Tuple[Dict, Dict[str, torch.Tensor]]:
 def config_from_identity(cfg: C.RunConfig, ident: Dict) -> C.RunConfig:
     held = MethodSettings.of(ident, num_prompts=ident["num_prompts"] or cfg.num_prompts).as_dict()
     held.pop("prompt_init")  # how training started, not part of the model
-    return replace(cfg, backbone=ident["backbone"], crop_size=ident["crop_size"], **held)
+    return replace(cfg, backbone=ident["backbone"], seg=replace(cfg.seg, crop_size=ident["crop_size"]), **held)
 
 
 def load_seg_model(tuned_path, cfg: Optional[C.RunConfig] = None, weights: Optional[str] = "__file__"

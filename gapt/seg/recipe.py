@@ -1,5 +1,5 @@
 """The segmentation recipe (SPEC §6, MMSegmentation ``setr_vit-l_pup_8xb2-160k_ade20k``): the config
-checks, the scales and the sliding-window stride derived from ``crop_size``, the eval file's name,
+checks, the scales and the sliding-window stride derived from ``seg.crop_size``, the eval file's name,
 and the datasets of a config through the one dataset builder (:func:`gapt.seg.data.build_seg_split`).
 """
 from __future__ import annotations
@@ -41,20 +41,20 @@ def check_seg_config(cfg: C.RunConfig) -> None:
                             f"of {list(SEG_FORMATS)}")
     if not cfg.data.root:
         raise C.ConfigError("config key 'data.root' is empty: point it at the dataset folder")
-    if cfg.crop_size <= 0:
-        raise C.ConfigError(f"bad value for config key 'crop_size': {cfg.crop_size} (must be > 0)")
-    t = cfg.train
-    if t.iterations <= 0:
-        raise C.ConfigError(f"bad value for config key 'train.iterations': {t.iterations}; segmentation is "
+    sg, t = cfg.seg, cfg.train
+    if sg.crop_size <= 0:
+        raise C.ConfigError(f"bad value for config key 'seg.crop_size': {sg.crop_size} (must be > 0)")
+    if sg.iterations <= 0:
+        raise C.ConfigError(f"bad value for config key 'seg.iterations': {sg.iterations}; segmentation is "
                             "iteration-based, set it (the SETR recipe: 160000)")
-    if t.eval_every < 0:
-        raise C.ConfigError(f"bad value for config key 'train.eval_every': {t.eval_every} (must be >= 0)")
-    if t.head_lr_mult <= 0:
-        raise C.ConfigError(f"bad value for config key 'train.head_lr_mult': {t.head_lr_mult} (must be > 0)")
-    if t.poly_power < 0:
-        raise C.ConfigError(f"bad value for config key 'train.poly_power': {t.poly_power} (must be >= 0)")
-    if not 0 <= t.min_lr <= t.lr:
-        raise C.ConfigError(f"bad value for config key 'train.min_lr': {t.min_lr} (must be in [0, train.lr={t.lr}])")
+    if sg.eval_every < 0:
+        raise C.ConfigError(f"bad value for config key 'seg.eval_every': {sg.eval_every} (must be >= 0)")
+    if sg.head_lr_mult <= 0:
+        raise C.ConfigError(f"bad value for config key 'seg.head_lr_mult': {sg.head_lr_mult} (must be > 0)")
+    if sg.poly_power < 0:
+        raise C.ConfigError(f"bad value for config key 'seg.poly_power': {sg.poly_power} (must be >= 0)")
+    if not 0 <= sg.min_lr <= t.lr:
+        raise C.ConfigError(f"bad value for config key 'seg.min_lr': {sg.min_lr} (must be in [0, train.lr={t.lr}])")
     if cfg.prompt_init != "random":
         raise C.ConfigError(f"bad value for config key 'prompt_init': {cfg.prompt_init!r}; `gapt seg` supports "
                             "'random' only")
@@ -88,9 +88,9 @@ def seg_dataset(cfg: C.RunConfig, split: str, pipeline, seed: int = 0) -> SegDat
 def data_info(cfg: C.RunConfig, train: Optional[SegDataset], val: SegDataset) -> Dict:
     info = {"format": cfg.data.format, "root": cfg.data.root, "task": seg_task_name(cfg),
             "num_classes": val.num_classes, "val_images": len(val),
-            "train_transform": f"random resize of {train_scale(cfg.crop_size)} x 0.5-2.0, crop {cfg.crop_size} "
+            "train_transform": f"random resize of {train_scale(cfg.seg.crop_size)} x 0.5-2.0, crop {cfg.seg.crop_size} "
                                "(cat_max_ratio 0.75), flip, photometric distortion, ImageNet normalisation",
-            "eval_transform": f"keep-ratio resize into {train_scale(cfg.crop_size)}, ImageNet normalisation"}
+            "eval_transform": f"keep-ratio resize into {train_scale(cfg.seg.crop_size)}, ImageNet normalisation"}
     if train is not None:
         info["train_images"] = len(train)
     return info

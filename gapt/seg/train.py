@@ -1,10 +1,10 @@
 """Segmentation training (`gapt seg train`): the prompted encoder + SETR-PUP heads, iteration-based.
 
 The recipe is SPEC §6's (MMSegmentation ``setr_vit-l_pup_8xb2-160k_ade20k`` with the paper's
-prompt settings): SGD with momentum, heads at ``train.head_lr_mult`` x the prompt lr, poly decay
-(power ``train.poly_power``) of every group from its own base lr to the absolute floor
-``train.min_lr`` over ``train.iterations`` (MMSegmentation's ``PolyLR`` with ``min_lr``), no
-warm-up, ADE20K train augmentation at ``crop_size``, val evaluated every ``train.eval_every``
+prompt settings): SGD with momentum, heads at ``seg.head_lr_mult`` x the prompt lr, poly decay
+(power ``seg.poly_power``) of every group from its own base lr to the absolute floor
+``seg.min_lr`` over ``seg.iterations`` (MMSegmentation's ``PolyLR`` with ``min_lr``), no
+warm-up, ADE20K train augmentation at ``seg.crop_size``, val evaluated every ``seg.eval_every``
 iterations by sliding-window inference. Only prompts, gates, temperatures (whatever the method
 trains) and the heads learn; the backbone stays frozen and in eval mode.
 
@@ -54,7 +54,7 @@ def poly_lr(base_lr: float, iteration: int, total: int, power: float, min_lr: fl
 
 def make_seg_optimizer(cfg: C.RunConfig, model: SegmentationModel) -> torch.optim.Optimizer:
     t = cfg.train
-    groups = model.param_groups(t.lr, t.head_lr_mult)
+    groups = model.param_groups(t.lr, cfg.seg.head_lr_mult)
     for g in groups:
         g["base_lr"] = g["lr"]
     if t.optimizer == "sgd":
@@ -64,10 +64,10 @@ def make_seg_optimizer(cfg: C.RunConfig, model: SegmentationModel) -> torch.opti
 
 def apply_poly(optimizer: torch.optim.Optimizer, cfg: C.RunConfig, iteration: int) -> float:
     """Set every group's lr for ``iteration`` (0-based); returns the prompt (base) lr."""
-    t = cfg.train
+    sg = cfg.seg
     for g in optimizer.param_groups:
-        g["lr"] = poly_lr(g["base_lr"], iteration, t.iterations, t.poly_power, t.min_lr)
-    return poly_lr(t.lr, iteration, t.iterations, t.poly_power, t.min_lr)
+        g["lr"] = poly_lr(g["base_lr"], iteration, sg.iterations, sg.poly_power, sg.min_lr)
+    return poly_lr(cfg.train.lr, iteration, sg.iterations, sg.poly_power, sg.min_lr)
 
 
 # -- sampling -----------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def train_seg(cfg: C.RunConfig, resume: bool = False, multi_scale: bool = False,
     would (``{"stopped_after": it}``).
     """
     check_seg_config(cfg)
-    check_model_config(cfg, size_key="crop_size")
+    check_model_config(cfg, size_key="seg.crop_size")
     return in_process_group(cfg, lambda device: _train_seg(Run(cfg, device, resume, "gapt seg train"), multi_scale,
                                                            log_every, save_every, stop_after))
 
@@ -123,8 +123,9 @@ def train_seg(cfg: C.RunConfig, resume: bool = False, multi_scale: bool = False,
 def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every: Optional[int],
                stop_after: Optional[int]) -> Dict:
     cfg, device, dtype, out, t, world = run.cfg, run.device, run.dtype, run.out, run.cfg.train, run.world
-    train_set = seg_dataset(cfg, "train", train_pipeline(cfg.crop_size), t.seed)
-    val_set = seg_dataset(cfg, "val", eval_pipeline(cfg.crop_size), t.seed)
+    sg = cfg.seg
+    train_set = seg_dataset(cfg, "train", train_pipeline(cfg.seg.crop_size), t.seed)
+    val_set = seg_dataset(cfg, "val", eval_pipeline(cfg.seg.crop_size), t.seed)
     info = data_info(cfg, train_set, val_set)
     seed_everything(t.seed)
     model = build_seg_model(cfg, train_set.num_classes, train_set.class_names, channels=HEAD_CHANNELS)
@@ -151,7 +152,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
         log_every = log_every or int(state.get("log_every", LOG_EVERY))
         save_every = save_every or int(state.get("save_every", SAVE_EVERY))
         run.keep_metrics(lambda r: r.get("iteration", 0) <= iteration)
-        log.info("resuming %s at iteration %d/%d", out, iteration, t.iterations)
+        log.info("resuming %s at iteration %d/%d", out, iteration, sg.iterations)
 
     log_every, save_every = log_every or LOG_EVERY, save_every or SAVE_EVERY
     if log_every < 1 or save_every < 1:
@@ -166,12 +167,12 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
     def run_eval(desc: str, multi: bool = False):
         model.eval()
         _broadcast_buffers(model)
-        return evaluate_seg(model, val_set, cfg.crop_size, device, dtype, cfg.data.num_workers,
+        return evaluate_seg(model, val_set, cfg.seg.crop_size, device, dtype, cfg.data.num_workers,
                             multi_scale=multi, desc=desc)
 
-    eval_every = t.eval_every
-    bar = Progress(t.iterations - iteration, "seg train", enabled=dist.is_main(), log_every=log_every)
-    while iteration < t.iterations:
+    eval_every = sg.eval_every
+    bar = Progress(sg.iterations - iteration, "seg train", enabled=dist.is_main(), log_every=log_every)
+    while iteration < sg.iterations:
         epoch, offset = divmod(iteration, steps_per_pass)
         sampler.set_epoch(epoch)
         sampler.skip = offset * per_rank
@@ -201,7 +202,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
             pending["time"] += now - tick
             train_time += now - tick
             bar.update(loss=value, lr=lr)
-            evaluate_now = iteration == t.iterations or (eval_every > 0 and iteration % eval_every == 0)
+            evaluate_now = iteration == sg.iterations or (eval_every > 0 and iteration % eval_every == 0)
             if evaluate_now or iteration % log_every == 0:
                 loss_sum, iters = dist.all_sum([pending["loss_sum"], pending["iters"]], device)
                 record = {"iteration": iteration, "epoch": epoch + 1, "loss": loss_sum / max(iters, 1), "lr": lr,
@@ -213,16 +214,16 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
                     model.train()
                 run.append_metrics(record, iteration, model.encoder)
                 if dist.is_main():
-                    log.info("iteration %d/%d loss %.4f lr %.3g%s", iteration, t.iterations, record["loss"], lr,
+                    log.info("iteration %d/%d loss %.4f lr %.3g%s", iteration, sg.iterations, record["loss"], lr,
                              f" mIoU {_pct(last_eval.miou)}" if evaluate_now else "")
             if evaluate_now or iteration % save_every == 0 or iteration == stop_after:
                 save_resume()
                 dist.barrier()
-            if iteration == stop_after and iteration < t.iterations:
+            if iteration == stop_after and iteration < sg.iterations:
                 bar.close()
                 run.close()
                 return {"stopped_after": iteration}
-            if iteration >= t.iterations:
+            if iteration >= sg.iterations:
                 break
             tick = time.time()
     bar.close()
@@ -237,7 +238,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
     results = run.base_results(enc, seg_task_name(cfg), True, result_metrics, info,
                                sum(p.numel() for p in model.parameters() if p.requires_grad), train_time)
     results.update({"encoder_tuned_params": enc.num_tuned(), "aux_blocks": list(model.aux_blocks),
-                    "crop_size": cfg.crop_size, "iterations": t.iterations, "head_lr_mult": t.head_lr_mult})
+                    "crop_size": cfg.seg.crop_size, "iterations": sg.iterations, "head_lr_mult": sg.head_lr_mult})
 
     def write_files() -> None:
         save_seg_tuned(out / rf.TUNED, cfg, model, extra={"data": info, "iteration": iteration})
