@@ -62,17 +62,20 @@ def save_tuned(model, path: str, extra: Optional[dict] = None) -> None:
     write_safetensors(tensors, path, meta)
 
 
-def read_tuned_metadata(path: str) -> Dict:
-    """The hyper-parameters stored in a gapt tuned file (raises if it is not one)."""
+def read_safetensors_metadata(path, kind: str = "tuned file") -> Dict[str, str]:
+    """A safetensors file's metadata, with a named error for a missing or unreadable file."""
     from safetensors import safe_open
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"tuned file not found: {path}")
+        raise CheckpointError(f"{kind} not found: {path}")
     try:
         with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
+            return dict(f.metadata() or {})
     except Exception as e:
         raise CheckpointError(f"{path} is not a safetensors file: {str(e).splitlines()[0]}") from None
+
+
+def _classification_config(path: str, meta: Dict[str, str]) -> Dict:
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a gapt tuned file "
                               f"(metadata format={meta.get('format')!r}); a backbone checkpoint goes to weights=")
@@ -81,21 +84,19 @@ def read_tuned_metadata(path: str) -> Dict:
     return out
 
 
+def read_tuned_metadata(path: str) -> Dict:
+    """The hyper-parameters stored in a gapt tuned file (raises if it is not one)."""
+    return _classification_config(path, read_safetensors_metadata(path))
+
+
 def read_encoder_tuned(path: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
     """(hyper-parameters, the prompted encoder's tuned tensors) of a classification or a
     segmentation tuned file: what analyses of prompts, gates and temperatures read."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
+    meta = read_safetensors_metadata(path)
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"tuned file not found: {path}")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a safetensors file: {str(e).splitlines()[0]}") from None
     if meta.get("format") != SEG_FORMAT:
-        return read_tuned_metadata(path), load_file(str(p))
+        return _classification_config(path, meta), load_file(str(p))
     if "config" not in meta:
         raise CheckpointError(f"{path} is a gapt segmentation tuned file without its config metadata")
     tensors = load_file(str(p))

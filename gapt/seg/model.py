@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .. import config as C
 from ..method import MethodSettings
-from ..model.tuned import SEG_FORMAT
+from ..model.tuned import SEG_FORMAT, read_safetensors_metadata
 from .head import SegmentationModel
 from .recipe import HEAD_CHANNELS
 
@@ -121,17 +121,10 @@ def save_seg_tuned(path, cfg: C.RunConfig, model: SegmentationModel, extra: Opti
 
 def read_seg_tuned(path) -> Tuple[Dict, Dict[str, torch.Tensor]]:
     """(metadata with ``config`` decoded, tensors) of a segmentation tuned file."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
     from ..model.checkpoints import CheckpointError
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"segmentation tuned file not found: {path}")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a safetensors file: {str(e).splitlines()[0]}") from None
+    meta = read_safetensors_metadata(p, "segmentation tuned file")
     if meta.get("format") != TUNED_FORMAT or "config" not in meta:
         raise CheckpointError(f"{path} is not a gapt segmentation tuned file (metadata format="
                               f"{meta.get('format')!r}); classification runs are read by `gapt eval`")
