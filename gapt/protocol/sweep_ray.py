@@ -39,10 +39,6 @@ log = logging.getLogger("gapt.sweep")
 
 
 # -- the trainable (runs inside a Ray actor) ----------------------------------------------------
-def _held_back_epochs(cfg: C.RunConfig) -> int:
-    return cfg.train.epochs - 1  # the last epoch is reported after results.json exists
-
-
 def _report_line(rec: Dict[str, Any]) -> Dict[str, Any]:
     out = {"epoch": int(rec["epoch"])}  # 1-based in metrics.jsonl, as ASHA's time attribute wants
     for k, v in rec.items():
