@@ -114,7 +114,7 @@ def cmd_report(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo.run import run_demo
-    run_demo(out=args.out, quick=args.quick)
+    run_demo(out=args.out, quick=args.quick, workers=args.workers)
     return 0
 
 
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the paper's story on a shipped MAE-pretrained micro ViT, offline, minutes on CPU")
     d.add_argument("--out", default="runs/demo", help="folder for the runs and the summary (default: runs/demo)")
     d.add_argument("--quick", action="store_true", help="a smaller, faster version (used by the tests)")
+    d.add_argument("--workers", type=int, default=0,
+                   help="runs at a time, each in its own single-threaded process (default: one per CPU core, "
+                        "at most 8; 1 = one at a time in this process)")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("report", help="tables per task and benchmark means beside the paper's numbers",

@@ -23,10 +23,12 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 from ..config import DataConfig, RunConfig, TrainConfig, validate
 from ..engine import runfolder as rf
+from .workers import RunPool, default_workers
 
 log = logging.getLogger("gapt")
 
@@ -109,28 +111,71 @@ def choose_lr(rungs: Dict[float, Dict]) -> float:
     return min(rungs, key=lambda lr: (-rungs[lr]["val_top1"], rungs[lr]["val_loss"], lr))
 
 
-def tune(task: str, label: str, method: str, temperature: bool, prompts: int, folder: Path, quick: bool,
-         insert_at_block: int = 1) -> Dict:
-    """The lr rule for one method on one task; returns the chosen run's results plus the choice."""
+@dataclass(frozen=True)
+class Tuning:
+    """One method on one task under the lr rule: a cell of the table or a point of the insertion curve."""
+    task: str
+    label: str
+    method: str
+    temperature: bool
+    prompts: int
+    folder: Path
+    insert_at_block: int = 1
+
+    def configs(self, quick: bool) -> Dict[float, RunConfig]:
+        return {lr: demo_config(self.task, self.method, self.temperature, self.prompts, lr,
+                                self.folder / lr_folder(lr), quick, self.insert_at_block) for lr in LR_GRID}
+
+
+def plan(root: Path, tasks: Sequence[str] = TASKS, methods=METHODS) -> List[Tuning]:
+    """Every tuning the demo runs: each method on each task, then vpt@k (k >= 2) on INSERTION_TASKS."""
+    out = [Tuning(task, label, method, temperature, prompts, root / task / label)
+           for task in tasks for label, method, temperature, prompts in methods]
+    for task in tasks:
+        if task in INSERTION_TASKS:
+            out += [Tuning(task, f"vpt@{k}", "vpt-at-block", False, 8, root / task / "insertion" / f"block_{k}", k)
+                    for k in range(2, DEPTH + 1)]
+    return out
+
+
+def tune_all(tunings: Sequence[Tuning], quick: bool, pool: RunPool) -> Dict[Tuning, Dict]:
+    """The lr rule for every tuning, as one schedule: all runs to the rung, then each chosen run on
+    to its end as soon as its tuning's rungs are in. Returns each tuning's results and choice."""
     rung = QUICK["rung"] if quick else RUNG_EPOCHS
-    cfgs = {lr: demo_config(task, method, temperature, prompts, lr, folder / lr_folder(lr), quick, insert_at_block)
-            for lr in LR_GRID}
-    for lr, cfg in cfgs.items():
-        log.info("== demo: %s / %s, lr %g: epochs 1..%d ==", task, label, lr, rung)
-        _advance(cfg, rung)
-    rungs = {lr: rung_record(Path(cfg.out), rung) for lr, cfg in cfgs.items()}
-    lr = choose_lr(rungs)
-    log.info("== demo: %s / %s: lr %g has the best val top-1 after epoch %d (%s); it runs on ==", task, label, lr,
-             rung, ", ".join(f"{k:g}: {v['val_top1']:.1f}" for k, v in rungs.items()))
-    res = _advance(cfgs[lr])
-    return {"results": res, "folder": str(Path(cfgs[lr].out)), "lr": lr, "rung_epochs": rung,
-            "rung_val_top1": {f"{k:g}": v["val_top1"] for k, v in rungs.items()},
-            "rung_val_loss": {f"{k:g}": v["val_loss"] for k, v in rungs.items()}}
+    cfgs = {t: t.configs(quick) for t in tunings}
+    waiting = {t: set(LR_GRID) for t in tunings}
+    total, finished, start = len(tunings) * (len(LR_GRID) + 1), 0, time.time()
+    for t in tunings:
+        for lr in LR_GRID:
+            pool.submit((t, lr, "rung"), _advance, cfgs[t][lr], rung)
+    choices: Dict[Tuning, Dict] = {}
+    while pool.pending:
+        (t, lr, stage), res = pool.next()
+        finished += 1
+        where = f"[{finished}/{total}, {time.time() - start:.0f} s] {t.task} / {t.label}, lr {lr:g}"
+        if stage == "rung":
+            record = rung_record(Path(cfgs[t][lr].out), rung)
+            log.info("%s: epochs 1..%d, val top-1 %.1f", where, rung, record["val_top1"])
+            waiting[t].discard(lr)
+            if waiting[t]:
+                continue
+            rungs = {x: rung_record(Path(cfgs[t][x].out), rung) for x in LR_GRID}
+            chosen = choose_lr(rungs)
+            choices[t] = {"folder": str(Path(cfgs[t][chosen].out)), "lr": chosen, "rung_epochs": rung,
+                          "rung_val_top1": {f"{k:g}": v["val_top1"] for k, v in rungs.items()},
+                          "rung_val_loss": {f"{k:g}": v["val_loss"] for k, v in rungs.items()}}
+            pool.submit((t, chosen, "end"), _advance, cfgs[t][chosen])
+        else:
+            choices[t]["results"] = res
+            log.info("%s (chosen on val): test top-1 %.1f after %d epochs", where, res["metrics"]["test_top1"],
+                     res["epochs"])
+    return choices
 
 
 def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """CPU time of this process and of its finished worker processes."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def standard_error(top1: float, n: int) -> float:
@@ -139,7 +184,8 @@ def standard_error(top1: float, n: int) -> float:
     return 100.0 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
 
 
-def run_demo(out: str = "runs/demo", quick: bool = False, tasks=TASKS, methods=METHODS) -> Dict:
+def run_demo(out: str = "runs/demo", quick: bool = False, tasks=TASKS, methods=METHODS,
+             workers: Optional[int] = None) -> Dict:
     import torch
     from ..data.synthetic import SYNTHETIC_TASKS
     from ..model import load_model, selection_ratio
@@ -147,36 +193,41 @@ def run_demo(out: str = "runs/demo", quick: bool = False, tasks=TASKS, methods=M
     from .figure import plot_demo
     if not ASSET.exists():
         raise FileNotFoundError(f"the demo backbone is missing: {ASSET} (rerun scripts/pretrain_demo_mae.py)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     wall0, cpu0 = time.time(), _cpu_seconds()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    tunings = plan(root, tasks, methods)
+    workers = workers or default_workers()
+    threads = 1 if workers > 1 else torch.get_num_threads()
+    log.info("== demo: %d tunings x %d lrs; %s ==", len(tunings), len(LR_GRID), _how(workers, threads))
+    with RunPool(workers, threads) as pool:
+        choices = tune_all(tunings, quick, pool)
     summary: Dict[str, Dict[str, float]] = {}
     detail: Dict[str, Dict] = {}
     gate_entries = []
     for task in tasks:
         summary[task], detail[task] = {}, {"chance": 100.0 / SYNTHETIC_TASKS[task], "methods": {}, "insertion": {}}
-        for label, method, temperature, prompts in methods:
-            choice = tune(task, label, method, temperature, prompts, root / task / label, quick)
-            res = choice.pop("results")
-            summary[task][label] = res["metrics"]["test_top1"]
-            detail[task]["methods"][label] = dict(choice, **_numbers(res))
-            if method == "gated":
-                model = load_model(str(Path(choice["folder"]) / rf.TUNED), weights=str(ASSET), random_seed=0)
-                gate_entries.append((task, selection_ratio(model)))
-        if task in INSERTION_TASKS:
-            shallow = next((label for label, method, *_ in methods if method == "vpt-shallow"), None)
-            curve = detail[task]["insertion"]
-            if shallow is not None:   # vpt@1 is vpt-shallow: prompts enter before block 1
-                curve["1"] = detail[task]["methods"][shallow]
-            for k in range(2, DEPTH + 1):
-                choice = tune(task, f"vpt@{k}", "vpt-at-block", False, 8, root / task / "insertion" / f"block_{k}",
-                              quick, insert_at_block=k)
-                curve[str(k)] = dict(choice, **_numbers(choice.pop("results")))
+    for t in tunings:
+        choice = dict(choices[t])
+        entry = dict(choice, **_numbers(choice.pop("results")))
+        if t.insert_at_block > 1:
+            detail[t.task]["insertion"][str(t.insert_at_block)] = entry
+            continue
+        summary[t.task][t.label] = entry["test_top1"]
+        detail[t.task]["methods"][t.label] = entry
+        if t.method == "vpt-shallow" and t.task in INSERTION_TASKS:   # vpt@1 is vpt-shallow: prompts enter before block 1
+            detail[t.task]["insertion"]["1"] = entry
+        if t.method == "gated":
+            model = load_model(str(Path(t.folder) / lr_folder(entry["lr"]) / rf.TUNED), weights=str(ASSET),
+                               random_seed=0)
+            gate_entries.append((t.task, selection_ratio(model)))
+    for d in detail.values():   # the curve in block order
+        d["insertion"] = {k: d["insertion"][k] for k in sorted(d["insertion"], key=int)}
     wall, cpu = time.time() - wall0, _cpu_seconds() - cpu0
     rf.write_json(root / "summary.json", summary)
     rf.write_json(root / "demo.json", {"rules": rules(quick), "tasks": detail,
-                                       "this_call": {"wall_s": wall, "cpu_s": cpu, "threads": torch.get_num_threads()}})
+                                       "this_call": {"wall_s": wall, "cpu_s": cpu, "workers": workers,
+                                                     "threads_per_worker": threads}})
     png = plot_gates(gate_entries, root / "selection_ratio.png") if gate_entries else None
     if gate_entries:
         (root / "selection_ratio.md").write_text(gates_table(gate_entries) + "\n")
@@ -188,8 +239,14 @@ def run_demo(out: str = "runs/demo", quick: bool = False, tasks=TASKS, methods=M
         print(f"\nselection ratio of the gated models (paper Fig. 4): {png}")
     print(f"insertion curve (paper Fig. 1) beside the selection ratios: {fig}")
     print(f"run folders, summary.json, demo.json and results.md under {root}/")
-    print(f"this call: {wall:.0f} s wall, {cpu:.0f} s CPU on {torch.get_num_threads()} thread(s)")
+    print(f"this call: {wall:.0f} s wall, {cpu:.0f} s CPU; {_how(workers, threads)}")
     return summary
+
+
+def _how(workers: int, threads: int) -> str:
+    if workers > 1:
+        return f"{workers} runs at a time in worker processes, {threads} thread(s) each"
+    return f"one run at a time in this process, {threads} thread(s)"
 
 
 def _numbers(res: Dict) -> Dict:

@@ -8,6 +8,8 @@ from typing import Dict, Optional
 
 log = logging.getLogger("gapt")
 
+BARS = True   # False: never draw a bar (e.g. in a worker process that shares the terminal with others)
+
 
 class Progress:
     def __init__(self, total: int, desc: str, enabled: bool = True, log_every: Optional[int] = None):
@@ -15,7 +17,7 @@ class Progress:
         self.count, self.start = 0, time.time()
         self.log_every = log_every or max(1, total // 5)
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        if enabled and BARS and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 

@@ -1,0 +1,123 @@
+"""Run the demo's independent runs side by side in a few worker processes.
+
+The demo's runs are tiny (a 6-block, 64-wide ViT on 32x32 images): one torch thread keeps a
+core busy and a second thread in the same run buys little, so one single-threaded process per
+core does about twice the work of one two-threaded process on 2 cores. Each run is seeded by
+its own config, so which worker runs it does not change its numbers.
+
+``workers=1`` runs everything in this process, in submission order (a debugger; the tests of
+the rules). Worker processes are started with ``spawn`` (no forked torch state) and end with
+this process, even when it is killed with SIGKILL, so a rerun never races an orphan writing
+into the same run folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+from typing import Any, Callable, Hashable, Optional, Tuple
+
+MAX_WORKERS = 8
+
+
+def default_workers() -> int:
+    """One worker per core, at most MAX_WORKERS (the demo rarely has more runs ready at once)."""
+    return max(1, min(MAX_WORKERS, _cpu_count()))
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _end_with_parent(parent: int) -> None:
+    """Make this worker exit when the process that started it is gone."""
+    if sys.platform.startswith("linux"):
+        try:   # the kernel sends SIGKILL at once when the parent dies: PR_SET_PDEATHSIG = 1
+            import ctypes
+            import signal
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:   # it died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:   # elsewhere (and as a second line): poll the parent
+        import time
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="gapt-demo-parent-watch").start()
+
+
+def _init_worker(parent: int, threads: int) -> None:
+    _end_with_parent(parent)
+    import torch
+    torch.set_num_threads(threads)
+    # the parent prints one line per finished run; per-epoch lines and bars from several
+    # processes at once would interleave into noise
+    logging.getLogger("gapt").setLevel(logging.WARNING)
+    from ..engine import progress
+    progress.BARS = False
+
+
+class RunPool:
+    """Submit calls tagged with a key; :meth:`next` returns ``(key, result)`` as each finishes.
+
+    A call that raises re-raises its exception from :meth:`next`. Use as a context manager:
+    leaving it (also by an exception or Ctrl-C) stops the workers.
+    """
+
+    def __init__(self, workers: int = 1, threads: int = 1):
+        self.workers = max(1, int(workers))
+        self._done: "queue.Queue[Tuple[Hashable, bool, Any]]" = queue.Queue()
+        self._pending = 0
+        self._pool = None
+        if self.workers > 1:
+            import multiprocessing
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(os.getpid(), max(1, threads)))
+
+    def submit(self, key: Hashable, fn: Callable, *args) -> None:
+        self._pending += 1
+        if self._pool is None:
+            try:
+                self._done.put((key, True, fn(*args)))
+            except Exception as e:  # noqa: BLE001 - re-raised by next(), as a worker's would be
+                self._done.put((key, False, e))
+            return
+        self._pool.apply_async(fn, args, callback=lambda r: self._done.put((key, True, r)),
+                               error_callback=lambda e: self._done.put((key, False, e)))
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def next(self) -> Tuple[Hashable, Any]:
+        if self._pending == 0:
+            raise RuntimeError("no submitted call is left to wait for")
+        key, ok, value = self._done.get()
+        self._pending -= 1
+        if not ok:
+            raise value
+        return key, value
+
+    def close(self, wait: bool = True) -> None:
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        if wait:
+            pool.close()
+        else:
+            pool.terminate()
+        pool.join()
+
+    def __enter__(self) -> "RunPool":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(wait=exc_type is None)
