@@ -58,6 +58,8 @@ def test_demo_quick_writes_everything(tmp_path, capsys):
             lr, res = _check_tuned(out / task / label)
             top1 = res["metrics"]["test_top1"]
             assert summary[task][label] == top1 and detail[task]["methods"][label]["lr"] == lr
+            # the loss curve drawn and printed is the chosen run's own metrics.jsonl
+            assert detail[task]["methods"][label]["train_loss"] == [r["loss"] for r in _lines(out / task / label / f"lr_{lr:g}")]
             assert 0 <= top1 <= 100
             cells[label] = f"{top1:.1f} ± {_se(top1, res['metrics']['test_count']):.1f}"
         top = max(summary[task].values())

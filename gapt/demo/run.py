@@ -7,7 +7,8 @@ splits, plus the insertion sweep vpt@k (prompts first inserted at block k) of th
 
 The rules are fixed here, the same for every method, and the numbers are whatever they measure:
 
-- budget: ``EPOCHS`` epochs over the same training images, batch 64, SGD, cosine schedule;
+- budget: ``EPOCHS`` epochs over the same ``NUM_TRAIN`` training images, batch ``BATCH``, SGD, one
+  warm-up epoch then cosine;
 - learning rate: every method starts one run per lr of ``LR_GRID``; after ``RUNG_EPOCHS`` epochs
   the run with the best val top-1 (ties: lower val loss, then the smaller lr) continues to the
   end and the others stop (successive halving with one rung; the full-length run of the chosen
@@ -45,7 +46,7 @@ METHODS = (
 # (0.2, 1, 5) had the train loss rising at lr >= 1 for linear, VPT-shallow and gated on both tasks
 # (the reference head init starts with large logits), so the grid spans the stable range.
 LR_GRID = (0.05, 0.2, 0.8)
-EPOCHS, RUNG_EPOCHS, NUM_TRAIN = 6, 2, 1000
+EPOCHS, RUNG_EPOCHS, NUM_TRAIN, BATCH = 8, 2, 1000, 32
 # --quick (the tests): the same code path on tiny data; no warm-up, so the lrs differ by the rung
 QUICK = {"epochs": 2, "rung": 1, "num_train": 64, "warmup": 0}
 INSERTION_TASKS = ("count",)    # the vpt@k sweep (Fig. 1) runs on these tasks; vpt@1 is vpt-shallow
@@ -60,7 +61,7 @@ def demo_config(task: str, method: str, temperature: bool, prompts: int, lr: flo
         gate_init=5.0, learn_temperature=temperature, image_size=32, prompt_dropout=0.0,
         insert_at_block=insert_at_block,
         data=DataConfig(format="shapes", name=task, num_samples=size["num_train"], num_workers=0),
-        train=TrainConfig(epochs=size["epochs"], warmup_epochs=size["warmup"], batch_size=64, lr=lr, seed=0),
+        train=TrainConfig(epochs=size["epochs"], warmup_epochs=size["warmup"], batch_size=BATCH, lr=lr, seed=0),
         out=str(out), device="cpu")
     validate(cfg)
     return cfg
@@ -155,7 +156,7 @@ def tune_all(tunings: Sequence[Tuning], quick: bool, pool: RunPool) -> Dict[Tuni
         where = f"[{finished}/{total}, {time.time() - start:.0f} s] {t.task} / {t.label}, lr {lr:g}"
         if stage == "rung":
             record = rung_record(Path(cfgs[t][lr].out), rung)
-            log.info("%s: epochs 1..%d, val top-1 %.1f", where, rung, record["val_top1"])
+            log.info("%s: val top-1 %.1f after epoch %d", where, record["val_top1"], rung)
             waiting[t].discard(lr)
             if waiting[t]:
                 continue
@@ -210,6 +211,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, tasks=TASKS, methods=M
     for t in tunings:
         choice = dict(choices[t])
         entry = dict(choice, **_numbers(choice.pop("results")))
+        entry["train_loss"] = [r["loss"] for r in rf.read_metrics(Path(entry["folder"]))]
         if t.insert_at_block > 1:
             detail[t.task]["insertion"][str(t.insert_at_block)] = entry
             continue
@@ -259,7 +261,7 @@ def _numbers(res: Dict) -> Dict:
 def rules(quick: bool) -> Dict:
     q = QUICK if quick else {"epochs": EPOCHS, "rung": RUNG_EPOCHS, "num_train": NUM_TRAIN, "warmup": 1}
     return {"lr_grid": list(LR_GRID), "epochs": q["epochs"], "rung_epochs": q["rung"], "num_train": q["num_train"],
-            "batch_size": 64, "optimizer": "sgd (momentum 0.9, no weight decay)", "schedule": f"{q['warmup']} warm-up epoch(s), cosine",
+            "batch_size": BATCH, "optimizer": "sgd (momentum 0.9, no weight decay)", "schedule": f"{q['warmup']} warm-up epoch(s), cosine",
             "choice": "best val top-1 after the rung; ties: lower val loss, then smaller lr",
             "reported": "test top-1 at the best-val epoch of the chosen run"}
 
@@ -268,6 +270,13 @@ def _cell(entry: Dict, best: bool) -> str:
     top1 = entry["test_top1"]
     text = f"{top1:.1f} ± {standard_error(top1, entry['test_count']):.1f}"
     return f"**{text}**" if best else text
+
+
+def _loss_cell(curve: Sequence[float]) -> str:
+    """The first epoch's train loss, then the last two: a flat tail is a run that stopped improving."""
+    if len(curve) < 3:
+        return " → ".join(f"{x:.2f}" for x in curve)
+    return f"{curve[0]:.2f} … {curve[-2]:.2f} → {curve[-1]:.2f}"
 
 
 def format_report(detail: Dict, labels: Sequence[str], quick: bool) -> str:
@@ -283,14 +292,15 @@ def format_report(detail: Dict, labels: Sequence[str], quick: bool) -> str:
         top = max(e["test_top1"] for e in entries)
         lines.append(f"| {task} ({d['chance']:.1f} %) | " +
                      " | ".join(_cell(e, e["test_top1"] == top) for e in entries) + " |")
-    lines += ["", "| task | method | lr (chosen on val) | val top-1 per lr after the rung | best epoch | tuned params |",
-              "|---|---|---:|---|---:|---:|"]
+    lines += ["", "| task | method | lr (chosen on val) | val top-1 per lr after the rung | best epoch | "
+                  "train loss: epoch 1, last two | tuned params |",
+              "|---|---|---:|---|---:|---|---:|"]
     for task, d in detail.items():
         for label in labels:
             e = d["methods"][label]
             rung = ", ".join(f"{k}: {v:.1f}" for k, v in e["rung_val_top1"].items())
             lines.append(f"| {task} | {label} | {e['lr']:g} | {rung} | {e['best_epoch']}/{e['epochs']} | "
-                         f"{e['tuned_params']:,} |")
+                         f"{_loss_cell(e.get('train_loss') or [])} | {e['tuned_params']:,} |")
     for task, d in detail.items():
         if not d["insertion"]:
             continue
