@@ -55,7 +55,11 @@ def _end_with_parent(parent: int) -> None:
 
 
 def _init_worker(parent: int, threads: int) -> None:
+    import signal
     _end_with_parent(parent)
+    # Ctrl-C reaches the whole process group: the parent stops the workers itself (RunPool.close),
+    # so a worker should not print a KeyboardInterrupt traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
     torch.set_num_threads(threads)
     # the parent prints one line per finished run; per-epoch lines and bars from several
