@@ -28,7 +28,7 @@ import torch
 from benchmarks._common import Result, arg_parser, resolve_device, setup
 
 BENCHMARKS = ("train_step", "eval_throughput", "frozen_cache", "linear_probe_cache", "vtab_data_path",
-              "fgvc_data_path", "memory", "protocol")
+              "fgvc_data_path", "memory", "protocol", "demo_workers")
 
 
 def run_all(names=BENCHMARKS, quick: bool = False, device: Optional[torch.device] = None, clock=None,

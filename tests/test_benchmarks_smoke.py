@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import (eval_throughput, fgvc_data_path, linear_probe_cache, memory, frozen_cache,  # noqa: E402
-                        protocol, run_all, train_step, vtab_data_path)
+from benchmarks import (demo_workers, eval_throughput, fgvc_data_path, linear_probe_cache, memory,  # noqa: E402
+                        frozen_cache, protocol, run_all, train_step, vtab_data_path)
 from benchmarks._common import Clock, Result, paired  # noqa: E402
 from benchmarks.naive_reference import NaiveGatedViT, check_equal  # noqa: E402
 
@@ -178,6 +178,10 @@ def test_memory():
 
 def test_protocol():
     _ok(protocol.run(epochs=1, num_samples=20, batch=32, repeats=1, device=CPU), "protocol")
+
+
+def test_demo_workers():
+    _ok(demo_workers.run(runs=2, epochs=1, num_samples=16, workers=2, device=CPU), "demo_workers")
 
 
 def test_run_all_rejects_unknown_names():
