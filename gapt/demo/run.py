@@ -15,7 +15,9 @@ The rules are fixed here, the same for every method, and the numbers are whateve
   lr is exactly the run it would have been alone, so the choice costs ~RUNG_EPOCHS x |grid|);
 - report: test top-1 of the best-val epoch of the chosen run; the test split never chooses.
 
-Runs are ordinary run folders; an interrupted demo picks up where it stopped.
+Runs are ordinary run folders; an interrupted demo picks up where it stopped. Independent runs go
+side by side, one single-threaded worker process per core (:mod:`.workers`); each run is seeded
+by its own config, so the numbers do not depend on the number of workers.
 """
 from __future__ import annotations
 
