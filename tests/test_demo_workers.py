@@ -118,3 +118,9 @@ def test_numbers_do_not_depend_on_the_worker_count(tmp_path):
         if metrics_a is not None:
             metrics_a.pop("eval_images_per_s", None), metrics_b.pop("eval_images_per_s", None)
             assert metrics_a == metrics_b, run
+
+
+def test_a_negative_worker_count_is_a_named_error(capsys):
+    from gapt.cli import main
+    assert main(["demo", "--quick", "--workers", "-1", "--out", "unused"]) == 1
+    assert "--workers -1" in capsys.readouterr().err

@@ -198,6 +198,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, tasks=TASKS, methods=M
     from .figure import plot_demo
     if not ASSET.exists():
         raise FileNotFoundError(f"the demo backbone is missing: {ASSET} (rerun scripts/pretrain_demo_mae.py)")
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers {workers}: give a number of runs at a time (1 or more; 0 = one per core)")
     wall0, cpu0 = time.time(), _cpu_seconds()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
