@@ -1,9 +1,11 @@
 """Run the demo's independent runs side by side in a few worker processes.
 
-The demo's runs are tiny (a 6-block, 64-wide ViT on 32x32 images): one torch thread keeps a
-core busy and a second thread in the same run buys little, so one single-threaded process per
-core does about twice the work of one two-threaded process on 2 cores. Each run is seeded by
-its own config, so which worker runs it does not change its numbers.
+The demo's runs are tiny (a 6-block, 64-wide ViT on 32x32 images) and one run keeps two torch
+threads only partly busy, so runs side by side in single-threaded processes use the cores better: on 2
+cores the whole demo took 182 s this way against 298 s one run at a time on 2 threads
+(benchmarks/demo_workers.py measures 8 plain vpt-deep runs: 1.14x). Each run is seeded by its
+own config and runs on one thread in any worker, so which worker runs it does not change its
+numbers.
 
 ``workers=1`` runs everything in this process, in submission order (a debugger; the tests of
 the rules). Worker processes are started with ``spawn`` (no forked torch state) and end with
