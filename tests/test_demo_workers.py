@@ -11,7 +11,7 @@ import time
 import pytest
 
 from gapt.demo.run import METHODS, run_demo
-from gapt.demo.workers import RunPool
+from gapt.demo.workers import RunPool, WorkerDied
 
 
 def _square(x):
@@ -40,6 +40,20 @@ def test_a_workers_error_reaches_the_caller(workers):
             pool.next()
 
 
+def _die(_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    with pytest.raises(WorkerDied, match="run the same command again"):
+        with RunPool(2) as pool:
+            pool.submit("dies", _die, 0)
+            pool.submit("fine", _square, 3)
+            while pool.pending:
+                pool.next()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -58,7 +72,7 @@ def test_workers_end_when_the_demo_is_killed(tmp_path):
     rerun of the demo never races an orphan still writing into a run folder."""
     script = textwrap.dedent("""
         import os, sys, time
-        from gapt.demo.workers import RunPool
+        from gapt.demo.workers import RunPool, WorkerDied
         if __name__ == "__main__":
             with RunPool(2) as pool:
                 for i in range(4):

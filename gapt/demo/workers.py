@@ -71,56 +71,68 @@ def _init_worker(parent: int, threads: int) -> None:
     progress.BARS = False
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended in the middle of a run (killed, out of memory, a crash)."""
+
+
 class RunPool:
     """Submit calls tagged with a key; :meth:`next` returns ``(key, result)`` as each finishes.
 
-    A call that raises re-raises its exception from :meth:`next`. Use as a context manager:
+    A call that raises re-raises its exception from :meth:`next`; a worker that dies makes
+    :meth:`next` raise :class:`WorkerDied` instead of waiting forever. Use as a context manager:
     leaving it (also by an exception or Ctrl-C) stops the workers.
     """
 
     def __init__(self, workers: int = 1, threads: int = 1):
         self.workers = max(1, int(workers))
-        self._done: "queue.Queue[Tuple[Hashable, bool, Any]]" = queue.Queue()
+        self._done: "queue.Queue[Tuple[Hashable, Any]]" = queue.Queue()
         self._pending = 0
         self._pool = None
         if self.workers > 1:
             import multiprocessing
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(os.getpid(), max(1, threads)))
+            from concurrent.futures import ProcessPoolExecutor
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(os.getpid(), max(1, threads)))
 
     def submit(self, key: Hashable, fn: Callable, *args) -> None:
         self._pending += 1
         if self._pool is None:
+            from concurrent.futures import Future
+            done: Future = Future()
             try:
-                self._done.put((key, True, fn(*args)))
+                done.set_result(fn(*args))
             except Exception as e:  # noqa: BLE001 - re-raised by next(), as a worker's would be
-                self._done.put((key, False, e))
+                done.set_exception(e)
+            self._done.put((key, done))
             return
-        self._pool.apply_async(fn, args, callback=lambda r: self._done.put((key, True, r)),
-                               error_callback=lambda e: self._done.put((key, False, e)))
+        self._pool.submit(fn, *args).add_done_callback(lambda fut: self._done.put((key, fut)))
 
     @property
     def pending(self) -> int:
         return self._pending
 
     def next(self) -> Tuple[Hashable, Any]:
+        from concurrent.futures.process import BrokenProcessPool
         if self._pending == 0:
             raise RuntimeError("no submitted call is left to wait for")
-        key, ok, value = self._done.get()
+        key, fut = self._done.get()
         self._pending -= 1
-        if not ok:
-            raise value
-        return key, value
+        error = fut.exception()
+        if isinstance(error, BrokenProcessPool):
+            raise WorkerDied("a worker process died in the middle of a run (killed, out of memory, or a "
+                             "crash); finished runs are kept: run the same command again to continue") from error
+        if error is not None:
+            raise error
+        return key, fut.result()
 
     def close(self, wait: bool = True) -> None:
         if self._pool is None:
             return
         pool, self._pool = self._pool, None
-        if wait:
-            pool.close()
-        else:
-            pool.terminate()
-        pool.join()
+        if not wait:   # stop runs in flight now instead of letting them finish
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=not wait)
 
     def __enter__(self) -> "RunPool":
         return self
