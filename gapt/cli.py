@@ -220,7 +220,8 @@ COMMAND_MODULES: List[str] = ["gapt.protocol.analyze_commands", "gapt.seg.comman
 # Errors that are the user's to fix: printed in one line, no traceback. Those defined in heavy
 # modules are looked up only if their module was imported (else they cannot have been raised).
 USER_ERRORS = [("gapt.config", "ConfigError"), ("gapt.model.checkpoints", "CheckpointError"),
-               ("gapt.engine.runfolder", "RunFolderError"), ("gapt.engine.run", "TrainingDiverged")]
+               ("gapt.engine.runfolder", "RunFolderError"), ("gapt.engine.run", "TrainingDiverged"),
+               ("gapt.demo.workers", "WorkerDied")]
 
 
 def user_errors() -> tuple:

@@ -54,6 +54,18 @@ def test_a_worker_that_dies_is_an_error_not_a_hang():
                 pool.next()
 
 
+def test_a_dead_worker_is_one_line_from_the_cli(monkeypatch, tmp_path, capsys):
+    """gapt demo prints WorkerDied as a user-facing error (exit 1), not a traceback."""
+    from gapt.cli import main
+    from gapt.demo import run as demo_run
+
+    def tune_all(*_):
+        raise WorkerDied("a worker process died in the middle of a run")
+    monkeypatch.setattr(demo_run, "tune_all", tune_all)
+    assert main(["demo", "--quick", "--workers", "1", "--out", str(tmp_path / "d")]) == 1
+    assert "gapt demo: error: a worker process died" in capsys.readouterr().err
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
