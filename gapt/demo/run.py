@@ -148,7 +148,7 @@ def tune_all(tunings: Sequence[Tuning], quick: bool, pool: RunPool) -> Dict[Tuni
     to its end as soon as its tuning's rungs are in. Returns each tuning's results and choice."""
     rung = QUICK["rung"] if quick else RUNG_EPOCHS
     cfgs = {t: t.configs(quick) for t in tunings}
-    waiting = {t: set(LR_GRID) for t in tunings}
+    at_rung: Dict[Tuning, Dict[float, Dict]] = {t: {} for t in tunings}   # each lr's val line, as it comes in
     total, finished, start = len(tunings) * (len(LR_GRID) + 1), 0, time.time()
     for t in tunings:
         for lr in LR_GRID:
@@ -159,12 +159,11 @@ def tune_all(tunings: Sequence[Tuning], quick: bool, pool: RunPool) -> Dict[Tuni
         finished += 1
         where = f"[{finished}/{total}, {time.time() - start:.0f} s] {t.task} / {t.label}, lr {lr:g}"
         if stage == "rung":
-            record = rung_record(Path(cfgs[t][lr].out), rung)
-            log.info("%s: val top-1 %.1f after epoch %d", where, record["val_top1"], rung)
-            waiting[t].discard(lr)
-            if waiting[t]:
+            at_rung[t][lr] = rung_record(Path(cfgs[t][lr].out), rung)
+            log.info("%s: val top-1 %.1f after epoch %d", where, at_rung[t][lr]["val_top1"], rung)
+            if len(at_rung[t]) < len(LR_GRID):
                 continue
-            rungs = {x: rung_record(Path(cfgs[t][x].out), rung) for x in LR_GRID}
+            rungs = {x: at_rung[t][x] for x in LR_GRID}   # grid order, whatever order they finished in
             chosen = choose_lr(rungs)
             choices[t] = {"folder": str(Path(cfgs[t][chosen].out)), "lr": chosen, "rung_epochs": rung,
                           "rung_val_top1": {f"{k:g}": v["val_top1"] for k, v in rungs.items()},
