@@ -37,3 +37,18 @@ def tiny_model(backbone="test_mae_tiny", seed=0, **kw):
 def images():
     torch.manual_seed(123)
     return torch.randn(3, 3, 32, 32)
+
+
+@pytest.fixture
+def evaluate_descs(monkeypatch):
+    """The ``desc`` of every ``trainer.evaluate`` call a run makes ("val", "test", "test (last)", ...), in order.
+    Clear the list between runs of one test."""
+    from gapt.engine import trainer as T
+    descs = []
+    real = T.evaluate
+
+    def counting(forward, dataset, *a, **k):
+        descs.append(a[-1] if len(a) >= 5 else k.get("desc"))
+        return real(forward, dataset, *a, **k)
+    monkeypatch.setattr(T, "evaluate", counting)
+    return descs

@@ -139,15 +139,8 @@ def test_resume_after_sigkill(tmp_path):
     assert full == cut
 
 
-def test_test_split_runs_once_when_the_last_epoch_is_the_best(tmp_path, monkeypatch):
-    from gapt.engine import trainer as T
-    calls = []
-    real = T.evaluate
-
-    def counting(forward, dataset, *a, **k):
-        calls.append(a[-1] if len(a) >= 5 else k.get("desc"))
-        return real(forward, dataset, *a, **k)
-    monkeypatch.setattr(T, "evaluate", counting)
+def test_test_split_runs_once_when_the_last_epoch_is_the_best(tmp_path, evaluate_descs):
+    calls = evaluate_descs
     over = [*TINY, "method=vpt-shallow", "data.format=shapes", "data.name=count", "data.num_samples=48"]
     one = train(load_config(None, over + ["train.epochs=1", f"out={tmp_path / 'one'}"]))
     assert [c for c in calls if c.startswith("test")] == ["test (last)"]

@@ -158,15 +158,8 @@ def test_adamw_applies_decoupled_weight_decay(tmp_path):
         assert torch.allclose(d3, 3 * d1, rtol=1e-3, atol=1e-7), k
 
 
-def test_eval_test_every_epoch_counts_the_test_passes(tmp_path, monkeypatch):
-    from gapt.engine import trainer as T
-    descs = []
-    real = T.evaluate
-
-    def counting(forward, dataset, *a, **k):
-        descs.append(a[-1] if len(a) >= 5 else k.get("desc"))
-        return real(forward, dataset, *a, **k)
-    monkeypatch.setattr(T, "evaluate", counting)
+def test_eval_test_every_epoch_counts_the_test_passes(tmp_path, evaluate_descs):
+    descs = evaluate_descs
     run = tmp_path / "ref"
     assert main(["train", *TINY, "method=vpt-shallow", "train.epochs=3", "train.eval_test_every_epoch=true",
                  f"out={run}"]) == 0
