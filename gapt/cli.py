@@ -105,7 +105,7 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .protocol.report import write_report
+    from .report.tables import write_report
     rep = write_report(args.runs, args.out, include_trials=args.include_trials and not args.only_final)
     print(rep.markdown())
     print(f"\nwrote {args.out}/report.md and {args.out}/report.csv", file=sys.stderr)
@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 # them are imported inside the cmd_* functions, so `gapt --help`, `--version` and `keys` stay fast
 # (tests/test_cli_help.py checks that neither torch nor timm gets imported). Errors a command
 # defines for user mistakes go in USER_ERRORS below, by module and name.
-COMMAND_MODULES: List[str] = ["gapt.protocol.analyze_commands", "gapt.seg.commands", "gapt.protocol.sweep_commands",
-                              "gapt.protocol.reproduce_commands"]
+COMMAND_MODULES: List[str] = ["gapt.analysis.commands", "gapt.seg.commands", "gapt.sweep.commands",
+                              "gapt.paper.commands"]
 
 
 # Errors that are the user's to fix: printed in one line, no traceback. Those defined in heavy

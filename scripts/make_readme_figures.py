@@ -42,7 +42,7 @@ def main():
     rng = np.random.default_rng(0)
 
     # Fig. 1 (synthetic curves drawn by plot_insertion)
-    from gapt.protocol.analysis_insertion import plot_insertion
+    from gapt.analysis.insertion import plot_insertion
     curves = []
     for bb, lr, jump, base in (("mae_vitb16", 0.1, 11, 35.0), ("mocov3_vitb16", 1.0, 8, 70.0), ("sup_vitb16", 0.1, 13, 85.0)):
         rows = [{"block": k, "test_top1": base + (8.0 if k >= jump else 0.0) - 1.5 * max(0, k - jump)
@@ -64,7 +64,7 @@ def main():
 
 def real_runs(out: Path, tmp: Path) -> None:
     # Figs. 2 and 9: a real DIP run on the micro ViT (32x32), 2 procedural images, every block
-    from gapt.protocol.analysis_reconstruct import reconstruct
+    from gapt.analysis.reconstruct import reconstruct
     yy, xx = np.mgrid[0:32, 0:32]
     imgs = []
     for i in range(2):
@@ -95,7 +95,7 @@ def real_runs(out: Path, tmp: Path) -> None:
                                  f"out={tmp / 'runs' / name}"])
         train(cfg)
         runs.append(str(tmp / "runs" / name))
-    from gapt.protocol.analysis_attention import analyze_attention
+    from gapt.analysis.attention import analyze_attention
     att = analyze_attention(runs, imgs[0], out=tmp / "att")
     shutil.copy(att["png"], out / "attention.png")
 
@@ -104,7 +104,7 @@ def real_runs(out: Path, tmp: Path) -> None:
 def synthetic(out: Path, tmp: Path, rng) -> None:
     # Fig. 4: gates of hand-set logits on the micro ViT (synthetic)
     from gapt import build_model
-    from gapt.protocol.analyze import analyze_gates
+    from gapt.analysis.gates import analyze_gates
     gate_runs = []
     for name, task, bb, logits in (("mae-nabirds", "nabirds", "mae_vitb16", [-6, -5, -4, -1, 3]),
                                    ("mae-cars", "cars", "mae_vitb16", [-5, -5, -3, 0, 2]),
@@ -122,7 +122,7 @@ def synthetic(out: Path, tmp: Path, rng) -> None:
     shutil.copy(g["png_tasks"], out / "gates_tasks.png")
 
     # Figs. 6, 8: synthetic results in the trainer's layout
-    from gapt.protocol.analysis_ablation import analyze_ablation
+    from gapt.analysis.ablation import analyze_ablation
     steps = (("vpt-shallow", "vpt-shallow", False), ("gated", "gated", False), ("gated+temperature", "gated", True))
     fgvc = ("cub", "flowers", "cars", "dogs", "nabirds")
     vtab = ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397", "patch_camelyon",
@@ -143,7 +143,7 @@ def synthetic(out: Path, tmp: Path, rng) -> None:
     shutil.copy(a["png_tasks"], out / "ablation_tasks.png")
 
     # Fig. 7: synthetic runs
-    from gapt.protocol.analysis_tokens import analyze_tokens
+    from gapt.analysis.tokens import analyze_tokens
     for per_block in (1, 2, 4, 8):
         write_result(tmp / "tok" / f"deep{per_block}", backbone="mae_vitb16", method="vpt-deep", benchmark="fgvc",
                      task="cars", num_prompts=per_block, metrics={"test_top1": 50 + 5 * math.log2(per_block * 2)})

@@ -99,7 +99,7 @@ def test_gates_numbers_table_and_png(runs, tmp_path, capsys):
 
 
 def test_gates_side_by_side_and_temperature_only(runs, tmp_path):
-    from gapt.protocol.analyze import analyze_gates
+    from gapt.analysis.gates import analyze_gates
     res = analyze_gates([runs["gated"], runs["deep_temp"]], tmp_path / "both")
     assert_png(res["png"])
     labels = [label for label, _ in res["entries"]]
@@ -119,13 +119,13 @@ def test_gates_errors_name_the_run(runs, tmp_path, capsys):
 
 
 def test_run_labels_disambiguate():
-    from gapt.protocol.analyze import run_labels
+    from gapt.analysis.gates import run_labels
     assert run_labels(["/a/x/seed0", "/a/y/seed0", "/b/z"]) == ["x/seed0", "y/seed0", "b/z"]
 
 
 # -- attention --------------------------------------------------------------------------------
 def test_attention_maps_png_npz(runs, image_file, tmp_path):
-    from gapt.protocol.analysis_attention import output_name
+    from gapt.analysis.attention import output_name
     out = tmp_path / "att"
     assert main(["analyze", "attention", runs["gated"], image_file, "--out", str(out)]) == 0
     name = output_name(image_file, "mean")
@@ -151,7 +151,7 @@ def test_attention_maps_png_npz(runs, image_file, tmp_path):
 def test_frozen_attention_is_the_plain_backbone(runs, image_file, tmp_path):
     """Block 1 of the frozen row, by hand: softmax(q k^T / sqrt(d)) of the backbone, CLS row, mean of heads."""
     from gapt.data import eval_transform
-    from gapt.protocol.analysis_attention import _load_run_for_analysis, analyze_attention
+    from gapt.analysis.attention import _load_run_for_analysis, analyze_attention
     res = analyze_attention(runs["gated"], image_file, tmp_path / "att1", head=1)
     cfg, model, results = _load_run_for_analysis(runs["gated"])
     x = eval_transform(results["data"], cfg.image_size)(Image.open(image_file).convert("RGB"))[None]
@@ -166,7 +166,7 @@ def test_frozen_attention_is_the_plain_backbone(runs, image_file, tmp_path):
 
 
 def test_attention_at_block_and_bad_head(runs, image_file, tmp_path, capsys):
-    from gapt.protocol.analysis_attention import analyze_attention
+    from gapt.analysis.attention import analyze_attention
     run = runs["at3"]
     res = analyze_attention(run, image_file, tmp_path / "a")
     a = res["arrays"]
@@ -207,7 +207,7 @@ def test_attention_names_unique_per_image_path_and_head(runs, tmp_path, capsys):
 
 def test_attention_rows_per_model_frozen_first(runs, image_file, tmp_path):
     """Fig. 5: frozen backbone first, then each run, at the chosen blocks; JSON holds the plotted rows."""
-    from gapt.protocol.analysis_attention import output_name
+    from gapt.analysis.attention import output_name
     out = tmp_path / "fig5"
     assert main(["analyze", "attention", runs["gated"], runs["deep_temp"], image_file, "--blocks", "1,3",
                  "--out", str(out)]) == 0
@@ -257,7 +257,7 @@ def test_insertion_sweep(tmp_path, capsys):
 
     # a second sweep skips finished runs and keeps what the first one saw of the cache
     from gapt.config import load_config
-    from gapt.protocol.analysis_insertion import insertion_sweep
+    from gapt.analysis.insertion import insertion_sweep
 
     class NoTraining:
         def run(self, jobs, on_start, on_end, early_stop=False):
@@ -274,7 +274,7 @@ def test_insertion_sweep(tmp_path, capsys):
 def test_insertion_sweep_resumes_unfinished(tmp_path):
     from gapt.config import load_config
     from gapt.engine.trainer import train
-    from gapt.protocol.analysis_insertion import insertion_config, insertion_sweep
+    from gapt.analysis.insertion import insertion_config, insertion_sweep
     cfg = load_config(None, SMALL_RUN + ["train.epochs=2", f"out={tmp_path / 's'}"])
     train(insertion_config(cfg, 4), stop_after_epoch=0)  # as if killed after epoch 0
     summary = insertion_sweep(cfg, blocks=[4])
@@ -287,7 +287,7 @@ def test_insertion_sweep_resumes_unfinished(tmp_path):
 
 
 def test_parse_blocks():
-    from gapt.protocol.analyze import parse_blocks
+    from gapt.analysis.commands import parse_blocks
     assert parse_blocks("1,2,5") == [1, 2, 5]
     assert parse_blocks("3-5, 1") == [1, 3, 4, 5]
     with pytest.raises(ValueError, match="--blocks"):
@@ -297,7 +297,7 @@ def test_parse_blocks():
 def test_frozen_counterpart_backbone():
     """Prompt methods share the tuned model's frozen backbone; a full fine-tune gets the pretrained one rebuilt."""
     from gapt.config import load_config
-    from gapt.protocol.analysis_attention import _frozen_counterpart
+    from gapt.analysis.attention import _frozen_counterpart
     cfg = load_config(None, SMALL_RUN + ["method=full"])
     gated = tiny_model(method="gated")
     frozen = _frozen_counterpart(cfg, gated)

@@ -15,7 +15,7 @@ def _result(backbone, method, task, value, lt=False, prompts=100, benchmark="fgv
 
 
 def test_figure_plans_are_registered_and_their_presets_exist():
-    from gapt.protocol.reproduce import PLANS, PRESETS
+    from gapt.paper.plans import PLANS, PRESETS
     for name in ("fig1", "fig2", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9"):
         plan = PLANS[name]()
         assert plan.name == name and plan.render is not None
@@ -25,7 +25,7 @@ def test_figure_plans_are_registered_and_their_presets_exist():
 
 def test_fig1_plan_follows_spec():
     from gapt.config import load_config
-    from gapt.protocol.reproduce import PLANS, PRESETS
+    from gapt.paper.plans import PLANS, PRESETS
     plan = PLANS["fig1"]()
     assert len(plan.specs) == 2 * 3 * 12
     lrs = {}
@@ -41,7 +41,7 @@ def test_fig1_plan_follows_spec():
 
 def test_fig6_fig7_plans():
     from gapt.config import load_config
-    from gapt.protocol.reproduce import PLANS, PRESETS
+    from gapt.paper.plans import PLANS, PRESETS
     plan = PLANS["fig6"]()
     steps = {}
     for s in plan.specs:
@@ -59,7 +59,7 @@ def test_fig6_fig7_plans():
 
 
 def test_render_ablation_and_tokens_from_results(tmp_path):
-    from gapt.protocol.reproduce import PLANS
+    from gapt.paper.plans import PLANS
     results = {"a": [_result("mae_vitb16", "vpt-shallow", "cub", 40.0)],
                "b": [_result("mae_vitb16", "gated", "cub", 50.0)],
                "c": [_result("mae_vitb16", "gated", "cub", 60.0, lt=True), _result("mae_vitb16", "gated", "cub", 62.0,
@@ -80,7 +80,7 @@ def test_render_ablation_and_tokens_from_results(tmp_path):
 
 
 def test_render_fig1_curves(tmp_path):
-    from gapt.protocol.reproduce import PLANS
+    from gapt.paper.plans import PLANS
     plan = PLANS["fig1"]()
     results = {s.name: [_result(s.backbone, "vpt-at-block", s.task, 10.0 * int(s.row.split("@")[1]))]
                for s in plan.specs if s.task == "cub" and s.backbone != "sup_vitb16"}
@@ -95,8 +95,8 @@ def test_render_fig1_curves(tmp_path):
 def test_fig2_fig9_images_and_weights(tmp_path):
     import numpy as np
     from PIL import Image
-    from gapt.protocol.analysis_reconstruct import execute_reconstruct, plan_images
-    from gapt.protocol.reproduce import FGVC_FOLDERS, PLANS
+    from gapt.analysis.reconstruct import execute_reconstruct, plan_images
+    from gapt.paper.plans import FGVC_FOLDERS, PLANS
     for task, n in (("cub", 150), ("flowers", 3)):
         folder = tmp_path / FGVC_FOLDERS[task] / "images"
         folder.mkdir(parents=True)
@@ -119,7 +119,7 @@ def test_reproduce_fig7_dry_run(capsys):
 def test_render_fig4_panels_from_final_runs(tmp_path):
     import torch
     from conftest import tiny_model
-    from gapt.protocol.reproduce import PLANS
+    from gapt.paper.plans import PLANS
     plan = PLANS["fig4"]()
     assert {(s.backbone, s.task) for s in plan.specs} == {(b, t) for b in ("mae_vitb16", "mocov3_vitb16")
                                                           for t in ("nabirds", "cars", "ade20k")}
@@ -144,8 +144,8 @@ def test_render_fig5_rows_and_first_image(tmp_path, monkeypatch):
     from PIL import Image
     from gapt.config import load_config
     from gapt.engine.trainer import train
-    from gapt.protocol import analysis_attention
-    from gapt.protocol.reproduce import PLANS
+    from gapt.analysis import attention as analysis_attention
+    from gapt.paper.plans import PLANS
     plan = PLANS["fig5"]()
     assert [s.method for s in plan.specs] == ["gated", "gated+temperature"]
     small = ("backbone=test_mae_tiny weights=null image_size=32 num_prompts=2 train.epochs=1 train.warmup_epochs=0 "

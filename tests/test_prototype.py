@@ -145,7 +145,7 @@ SMALL_RUN = ("backbone=test_mae_tiny weights=null image_size=32 num_prompts=2 tr
 def test_trainer_runs_prototype_init(tmp_path):
     from gapt.config import load_config
     from gapt.engine.trainer import train
-    from gapt.protocol.paper import method_key
+    from gapt.paper.published import method_key
 
     seen = {}
 

@@ -59,7 +59,7 @@ def hand_ssim(a, b, k=11, sigma=1.5):
 
 
 def test_scores_are_psnr_and_gaussian_ssim():
-    from gapt.protocol.analysis_reconstruct import image_scores
+    from gapt.analysis.dip import image_scores
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
@@ -70,7 +70,7 @@ def test_scores_are_psnr_and_gaussian_ssim():
 
 
 def test_generator_shape_and_range():
-    from gapt.protocol.analysis_reconstruct import SkipGenerator
+    from gapt.analysis.dip import SkipGenerator
     g = SkipGenerator(input_channels=8, channels=8, skip_channels=4, scales=3)
     with torch.no_grad():
         y = g(torch.rand(2, 8, 32, 32) * 0.1)
@@ -78,7 +78,7 @@ def test_generator_shape_and_range():
 
 
 def _job(tmp_path, name, image, steps=30, **kw):
-    from gapt.protocol.analysis_reconstruct import DEFAULTS, JOB_FILE
+    from gapt.analysis.reconstruct import DEFAULTS, JOB_FILE
     folder = tmp_path / name
     folder.mkdir()
     spec = {**DEFAULTS, **TINY, "steps": steps, "image": image, "backbone": "test_mae_tiny", "weights": None,
@@ -89,7 +89,7 @@ def _job(tmp_path, name, image, steps=30, **kw):
 
 def test_dip_loss_falls_scores_match_library_and_job_resumes(tmp_path, pictures):
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-    from gapt.protocol.analysis_reconstruct import run_reconstruct_job
+    from gapt.analysis.dip import run_reconstruct_job
     full = run_reconstruct_job(_job(tmp_path, "full", pictures[0]))
     assert full["loss_last"] < 0.7 * full["loss_first"]
     folder = tmp_path / "full"
@@ -143,11 +143,11 @@ def test_reconstruct_command_grid_json_and_means(tmp_path, pictures, capsys):
 
 def test_reconstruct_jobs_in_worker_processes(tmp_path, pictures):
     """The process executor: one subprocess per job (the packaged micro MAE ViT, its shipped weights)."""
-    from gapt.protocol.analysis_reconstruct import reconstruct
-    from gapt.protocol.sweep_executors import ProcessExecutor
+    from gapt.analysis.reconstruct import reconstruct
+    from gapt.sweep.executors import ProcessExecutor
     res = reconstruct(pictures[:1], [{"backbone": "mae_vit_micro", "weights": MICRO}], blocks=[6],
                       out=tmp_path / "p", executor=ProcessExecutor(workers=1, use_gpus=False),
                       steps=2, device="cpu", **{k: v for k, v in TINY.items() if k != "image_size"}, image_size=32)
     assert not res["failed"] and [r["block"] for r in res["rows"]] == [6]
-    assert "python -m gapt.protocol.sweep_executors" in (Path(res["rows"][0]["folder"]) / "train.log").read_text()
+    assert "python -m gapt.sweep.executors" in (Path(res["rows"][0]["folder"]) / "train.log").read_text()
     assert all(np.isfinite(r["psnr"]) for r in res["rows"])

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from gapt.protocol.paper import method_key, paper_number
-from gapt.protocol.report import build_report, collect_runs, write_report
+from gapt.paper.published import method_key, paper_number
+from gapt.report.tables import build_report, collect_runs, write_report
 
 VTAB_NATURAL = ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"]
 VTAB_SPECIALIZED = ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"]
@@ -300,7 +300,7 @@ def _gate_entries():
 
 
 def test_gates_plot_and_table(tmp_path):
-    from gapt.protocol.gates_plot import gates_table, plot_gates
+    from gapt.analysis.gates_plot import gates_table, plot_gates
     entries = _gate_entries()
     png = plot_gates(entries, tmp_path / "fig" / "gates.png")
     data = png.read_bytes()

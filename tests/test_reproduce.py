@@ -12,7 +12,7 @@ from PIL import Image
 
 from gapt.cli import main
 from gapt.config import load_config
-from gapt.protocol import reproduce as R
+import gapt.paper as R
 
 from test_presets import table5
 
@@ -230,7 +230,7 @@ def test_table4_end_to_end(fixture, tmp_path, capsys):
 
 # -- paper.py's Tables 4, 6, 8 and Fig. 7's text, against SPEC §8 typed here ---------------------------
 def test_paper_tables_4_6_8_and_fig7_text():
-    from gapt.protocol.paper import FIG7_TEXT, TABLES
+    from gapt.paper.published import FIG7_TEXT, TABLES
     got = {(r.backbone, r.label, r.gate_type): tuple(r.values[c] for c in TABLES["table4"].columns)
            for r in TABLES["table4"].rows}
     assert got == {("mae_vitb16", label, "hard" if "hard" in label else "soft"): v for label, v in SPEC_TABLE4.items()}
@@ -258,13 +258,15 @@ def test_reproduce_modules_do_not_import_torch_at_top_level():
     import ast
     import gapt
     pkg = Path(gapt.__file__).parent
-    for rel in ("protocol/reproduce.py", "protocol/reproduce_commands.py", "protocol/paper.py", "config.py"):
+    for rel in ("paper/__init__.py", "paper/plans.py", "paper/inputs.py", "paper/runner.py", "paper/render.py",
+                "paper/commands.py", "paper/published.py", "tasks.py", "config.py"):
         tree = ast.parse((pkg / rel).read_text())
         names = [a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names]
         names += [node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)]
         assert not [n for n in names if n.split(".")[0] in ("torch", "timm")], rel
         relative = [node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level]
-        assert set(relative) <= {None, "config", "method", "paper", "reproduce"}, (rel, relative)
+        assert set(relative) <= {None, "config", "method", "tasks", "published", "plans", "inputs", "runner", "render"}, \
+            (rel, relative)
 
 
 def test_table6_runs_segmentation_through_the_sweep_executor(tmp_path, monkeypatch, capsys):

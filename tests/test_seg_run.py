@@ -21,7 +21,7 @@ from gapt.cli import main
 from gapt.config import load_config
 from gapt.engine.run import seed_everything
 from gapt.engine.runfolder import read_metrics
-from gapt.protocol.report import build_report, collect_runs
+from gapt.report.tables import build_report, collect_runs
 from gapt.seg.evaluate import evaluate_seg, load_seg_run
 from gapt.seg.model import aux_blocks_for_depth, backbone_checksum, build_seg_model
 from gapt.seg.recipe import seg_dataset, slide_stride, train_scale

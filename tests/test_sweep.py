@@ -11,9 +11,9 @@ import pytest
 from gapt.cli import main
 from gapt.config import ConfigError
 from gapt.engine import trainer
-from gapt.protocol import sweep as S
-from gapt.protocol import sweep_grid as G
-from gapt.protocol.sweep_jobs import SweepError
+import gapt.sweep as S
+from gapt.sweep import grid as G
+from gapt.sweep.jobs import SweepError
 
 TESTS = Path(__file__).resolve().parent
 REAL_TRAIN = trainer.train
@@ -131,7 +131,7 @@ def test_choice_finals_and_sweep_json(tmp_path):
     assert summary["mean"] == pytest.approx(statistics.fmean(tests))
     assert summary["std"] == pytest.approx(statistics.stdev(tests))
     # every trial and final is an ordinary run folder that gapt report reads
-    from gapt.protocol.report import collect_runs
+    from gapt.report.tables import collect_runs
     runs = collect_runs(out)
     assert len(runs) == 5 and sum(r["final"] for r in runs) == 2
 
@@ -214,13 +214,13 @@ def test_worker_processes(tmp_path):
 
 
 def test_importing_sweep_does_not_import_ray():
-    code = "import sys, gapt.cli, gapt.protocol.sweep; gapt.cli.build_parser(); print('ray' in sys.modules)"
+    code = "import sys, gapt.cli, gapt.sweep.run; gapt.cli.build_parser(); print('ray' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.split() == ["False"]
 
 
 def test_ray_missing_gives_install_hint(tmp_path, monkeypatch):
-    monkeypatch.delitem(sys.modules, "gapt.protocol.sweep_ray", raising=False)
+    monkeypatch.delitem(sys.modules, "gapt.sweep.ray_tune", raising=False)
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(SweepError, match=r"pip install gapt\[ray\]"):
         S.run_sweep(None, tiny(tmp_path / "sw", "train.lr=0.1,0.5"), backend="ray")
@@ -247,7 +247,7 @@ def test_benchmark_runs_each_dataset_and_skips_missing(tmp_path, monkeypatch):
         calls.append((Path(config).stem, list(overrides), kw))
         return {"status": "done", "choice": {"name": "lr0.1"}, "final_test_top1": {"mean": 50.0, "n": 3}}
 
-    monkeypatch.setattr(S, "run_sweep", fake_sweep)
+    monkeypatch.setattr(S.benchmark, "run_sweep", fake_sweep)  # the name run_benchmark calls
     out = tmp_path / "bench"
     summary = S.run_benchmark("fgvc", str(root), "tiny", weights="w.pth", overrides=["train.lr=0.1,0.5"],
                               out=str(out), presets=presets, seeds=3)

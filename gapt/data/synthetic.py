@@ -22,20 +22,30 @@ Tasks (name -> classes):
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-RENDER_SIZE = 32
+from .bundle import DatasetBundle
+from .scenes import (
+    _ABSENT,
+    _BAR,
+    RENDER_SIZE,
+    SHAPE_NAMES,
+    _balanced_labels,
+    _cells,
+    _contrasting_colours,
+    _place_in_cells,
+    _random_kinds,
+    _render,
+    _scatter,
+    _Scenes,
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-SHAPE_NAMES = ("circle", "square", "triangle", "plus", "ring")
-_BAR = len(SHAPE_NAMES)          # kind id of the elongated bar (orientation task only)
-_ABSENT = -1
 
 SYNTHETIC_TASKS: Dict[str, int] = {
     "count": 6,
@@ -48,173 +58,6 @@ _ORIENTATION_BIN_DEG = 180.0 / SYNTHETIC_TASKS["orientation"]
 _SPLITS = ("train", "val", "test")
 _DEFAULT_NUM_TRAIN = 2000
 _MIN_EVAL_SAMPLES = 50
-
-from gapt.data.bundle import DatasetBundle
-
-
-# --------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------
-
-def _sdf_circle(u, v, r, aspect):
-    return np.hypot(u, v) - r
-
-
-def _sdf_square(u, v, r, aspect):
-    return np.maximum(np.abs(u), np.abs(v)) - 0.82 * r
-
-
-_TRI_NORMALS = np.array([[np.cos(a), np.sin(a)] for a in np.deg2rad([90.0, 210.0, 330.0])],
-                        dtype=np.float32)
-
-
-def _sdf_triangle(u, v, r, aspect):
-    # Equilateral triangle as the intersection of three half-planes (inradius r / 2).
-    d = u * _TRI_NORMALS[0, 0] + v * _TRI_NORMALS[0, 1]
-    for nx, ny in _TRI_NORMALS[1:]:
-        d = np.maximum(d, u * nx + v * ny)
-    return d - 0.5 * r
-
-
-def _sdf_plus(u, v, r, aspect):
-    au, av = np.abs(u), np.abs(v)
-    arm = 0.34 * r
-    return np.minimum(np.maximum(au - r, av - arm), np.maximum(au - arm, av - r))
-
-
-def _sdf_ring(u, v, r, aspect):
-    return np.abs(np.hypot(u, v) - 0.72 * r) - 0.3 * r
-
-
-def _sdf_bar(u, v, r, aspect):
-    return np.maximum(np.abs(u) - r, np.abs(v) - r * aspect)
-
-
-_SDF: Tuple[Callable, ...] = (_sdf_circle, _sdf_square, _sdf_triangle, _sdf_plus, _sdf_ring, _sdf_bar)
-
-
-@dataclass
-class _Scenes:
-    """Object slots of a batch of scenes; slot k of every image is drawn in one pass.
-
-    Arrays are (N, K); ``kind`` -1 marks an empty slot. Later slots are drawn on top.
-    ``base`` (N, 3) is the background colour the blotchy background varies around; object
-    colours are chosen against it.
-    """
-    kind: np.ndarray
-    cx: np.ndarray
-    cy: np.ndarray
-    radius: np.ndarray
-    angle: np.ndarray            # radians
-    aspect: np.ndarray           # bar half-width / half-length
-    colour: np.ndarray           # (N, K, 3) in 0..255
-    base: np.ndarray             # (N, 3) in 0..255
-
-    @classmethod
-    def empty(cls, rng: np.random.Generator, n: int, k: int) -> "_Scenes":
-        z = lambda: np.zeros((n, k), np.float32)  # noqa: E731
-        base = rng.uniform(30.0, 225.0, (n, 3)).astype(np.float32)
-        return cls(np.full((n, k), _ABSENT, np.int64), z(), z(), z(), z(), z(),
-                   np.zeros((n, k, 3), np.float32), base)
-
-
-def _interp_matrix(src: int, dst: int) -> np.ndarray:
-    """(dst, src) bilinear interpolation weights, align_corners=False."""
-    pos = (np.arange(dst) + 0.5) * src / dst - 0.5
-    pos = np.clip(pos, 0, src - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, src - 1)
-    w = pos - lo
-    m = np.zeros((dst, src), np.float32)
-    m[np.arange(dst), lo] += 1 - w
-    m[np.arange(dst), hi] += w
-    return m
-
-
-def _backgrounds(rng: np.random.Generator, base: np.ndarray, size: int) -> np.ndarray:
-    """Low-frequency colour blotches around each base colour: (N, H, W, 3) float32."""
-    n = base.shape[0]
-    amp = rng.uniform(8.0, 35.0, (n, 1, 1, 1)).astype(np.float32)
-    grid = base[:, None, None, :] + amp * rng.standard_normal((n, 4, 4, 3)).astype(np.float32)
-    w = _interp_matrix(4, size)
-    return np.einsum("hi,nijc,wj->nhwc", w, grid, w, optimize=True).astype(np.float32)
-
-
-def _contrasting_colours(rng: np.random.Generator, base: np.ndarray, k: int) -> np.ndarray:
-    """Random object colours, pushed away from the background base colour when too close."""
-    n = base.shape[0]
-    col = rng.uniform(0.0, 255.0, (n, k, 3)).astype(np.float32)
-    too_close = np.linalg.norm(col - base[:, None, :], axis=-1) < 100.0
-    flipped = np.mod(base[:, None, :] + 128.0 + rng.uniform(-30, 30, (n, k, 3)), 256.0)
-    return np.where(too_close[..., None], flipped, col).astype(np.float32)
-
-
-def _render(rng: np.random.Generator, scenes: _Scenes, size: int = RENDER_SIZE,
-            noise: Tuple[float, float] = (2.0, 10.0)) -> np.ndarray:
-    """Draw the scenes over random backgrounds, add pixel noise -> uint8 (N, H, W, 3)."""
-    n, k = scenes.kind.shape
-    img = _backgrounds(rng, scenes.base, size)
-    coords = np.arange(size, dtype=np.float32) + 0.5
-    xs, ys = coords[None, None, :], coords[None, :, None]
-    for slot in range(k):
-        idx = np.nonzero(scenes.kind[:, slot] != _ABSENT)[0]
-        if idx.size == 0:
-            continue
-        col = lambda a: a[idx, slot][:, None, None]  # noqa: E731
-        dx, dy = xs - col(scenes.cx), ys - col(scenes.cy)
-        cos, sin = np.cos(col(scenes.angle)), np.sin(col(scenes.angle))
-        u = cos * dx + sin * dy
-        v = -sin * dx + cos * dy
-        kinds = scenes.kind[idx, slot]
-        sdf = np.empty((idx.size, size, size), np.float32)
-        for kind in np.unique(kinds):
-            m = kinds == kind
-            sdf[m] = _SDF[kind](u[m], v[m], col(scenes.radius)[m], col(scenes.aspect)[m])
-        alpha = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]
-        colour = scenes.colour[idx, slot][:, None, None, :]
-        img[idx] = img[idx] * (1.0 - alpha) + alpha * colour
-    sigma = rng.uniform(noise[0], noise[1], (n, 1, 1, 1)).astype(np.float32)
-    img += sigma * rng.standard_normal(img.shape, dtype=np.float32)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def _balanced_labels(rng: np.random.Generator, n: int, num_classes: int) -> np.ndarray:
-    labels = np.arange(n) % num_classes
-    rng.shuffle(labels)
-    return labels
-
-
-def _cells(rng: np.random.Generator, n: int, grid: int, k: int) -> np.ndarray:
-    """k distinct cells of a grid x grid board per image (row-major ids), shape (N, k)."""
-    return np.argsort(rng.random((n, grid * grid)), axis=1)[:, :k]
-
-
-def _place_in_cells(rng, scenes: _Scenes, slots, cells: np.ndarray, grid: int,
-                    radius: np.ndarray, size: int) -> None:
-    """Centre objects in their cells with as much jitter as the cell leaves free."""
-    cell = size / grid
-    free = np.maximum(cell / 2 - radius - 0.5, 0.0)
-    jitter = lambda: rng.uniform(-1.0, 1.0, cells.shape).astype(np.float32) * free  # noqa: E731
-    scenes.cx[:, slots] = (cells % grid + 0.5) * cell + jitter()
-    scenes.cy[:, slots] = (cells // grid + 0.5) * cell + jitter()
-    scenes.radius[:, slots] = radius
-
-
-def _scatter(rng, scenes: _Scenes, slots, present: np.ndarray, kinds_from, r_range, size) -> None:
-    """Objects at uniform random positions in the image; they may overlap others (clutter)."""
-    n, k = present.shape
-    kinds = rng.choice(np.asarray(kinds_from), (n, k))
-    scenes.kind[:, slots] = np.where(present, kinds, _ABSENT)
-    r = rng.uniform(*r_range, (n, k)).astype(np.float32)
-    scenes.radius[:, slots] = r
-    scenes.cx[:, slots] = rng.uniform(r + 0.5, size - r - 0.5)
-    scenes.cy[:, slots] = rng.uniform(r + 0.5, size - r - 0.5)
-    scenes.angle[:, slots] = rng.uniform(0, 2 * np.pi, (n, k))
-
-
-def _random_kinds(rng, n: int, k: int, kinds=range(len(SHAPE_NAMES))) -> np.ndarray:
-    return rng.choice(np.asarray(list(kinds)), (n, k))
-
 
 # --------------------------------------------------------------------------------------
 # Tasks: each builder lays out (scenes, labels) for n images; _render draws them
@@ -232,7 +75,6 @@ def _task_count(rng: np.random.Generator, n: int, size: int = RENDER_SIZE):
     scenes.angle[:] = rng.uniform(0, 2 * np.pi, (n, max_objects))
     scenes.colour[:] = _contrasting_colours(rng, scenes.base, max_objects)
     return scenes, labels
-
 
 def _task_location(rng: np.random.Generator, n: int, size: int = RENDER_SIZE):
     grid = 3
@@ -255,7 +97,6 @@ def _task_location(rng: np.random.Generator, n: int, size: int = RENDER_SIZE):
     scenes.colour[:] = _contrasting_colours(rng, scenes.base, k)
     return scenes, labels
 
-
 def _task_orientation(rng: np.random.Generator, n: int, size: int = RENDER_SIZE):
     bins = SYNTHETIC_TASKS["orientation"]
     labels = _balanced_labels(rng, n, bins)
@@ -276,7 +117,6 @@ def _task_orientation(rng: np.random.Generator, n: int, size: int = RENDER_SIZE)
     scenes.colour[:] = _contrasting_colours(rng, scenes.base, k)
     return scenes, labels
 
-
 def _task_shape(rng: np.random.Generator, n: int, size: int = RENDER_SIZE):
     labels = _balanced_labels(rng, n, len(SHAPE_NAMES))
     num_distractors = 5
@@ -293,7 +133,6 @@ def _task_shape(rng: np.random.Generator, n: int, size: int = RENDER_SIZE):
     scenes.colour[:] = _contrasting_colours(rng, scenes.base, k)
     return scenes, labels
 
-
 def _random_scenes(rng: np.random.Generator, n: int, size: int = RENDER_SIZE):
     """Unstructured scenes for pre-training: 0..8 objects of any kind, size and angle."""
     k = 8
@@ -305,14 +144,12 @@ def _random_scenes(rng: np.random.Generator, n: int, size: int = RENDER_SIZE):
     scenes.colour[:] = _contrasting_colours(rng, scenes.base, k)
     return scenes, np.zeros(n, np.int64)
 
-
 _TASK_BUILDERS = {
     "count": _task_count,
     "location": _task_location,
     "orientation": _task_orientation,
     "shape": _task_shape,
 }
-
 
 def _class_names(task: str) -> List[str]:
     if task == "count":
@@ -325,17 +162,14 @@ def _class_names(task: str) -> List[str]:
         return [f"{i * w:g}-{(i + 1) * w:g} deg" for i in range(SYNTHETIC_TASKS["orientation"])]
     return list(SHAPE_NAMES)
 
-
 def _check_task(task: str) -> None:
     if task not in SYNTHETIC_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; valid tasks: {', '.join(SYNTHETIC_TASKS)}")
-
 
 def _split_rng(seed: int, task: str, split: str) -> np.random.Generator:
     # One independent stream per (seed, task, split): splits never share a scene.
     return np.random.default_rng(
         np.random.SeedSequence([int(seed), zlib.crc32(task.encode()), _SPLITS.index(split) + 1]))
-
 
 def generate_task(task: str, n: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """Render ``n`` labelled images of ``task``: uint8 (N, 32, 32, 3) and int64 labels (N,).
@@ -345,7 +179,6 @@ def generate_task(task: str, n: int, rng: np.random.Generator) -> Tuple[np.ndarr
     _check_task(task)
     scenes, labels = _TASK_BUILDERS[task](rng, n)
     return _render(rng, scenes), labels.astype(np.int64)
-
 
 def generate_unlabelled(n: int, seed: int, chunk: int = 4096) -> np.ndarray:
     """Unlabelled pre-training images, uint8 (N, 32, 32, 3): a seeded mix of every task's
@@ -363,13 +196,11 @@ def generate_unlabelled(n: int, seed: int, chunk: int = 4096) -> np.ndarray:
                 out[idx] = _render(rng, scenes)
     return out
 
-
 def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, H, W) uint8 -> (N, 3, size, size) uint8, bilinear with antialiasing."""
     x = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
                       antialias=True)
     return x.round_().clamp_(0, 255).to(torch.uint8)
-
 
 class SyntheticImageDataset(torch.utils.data.Dataset):
     """A rendered split kept as uint8 (N, 3, H, W); items are normalised on access.
@@ -407,13 +238,11 @@ class SyntheticImageDataset(torch.utils.data.Dataset):
         x = self.images.float().div_(255.0)
         return (x - self._mean) / self._std, self.labels.clone()
 
-
 def split_sizes(num_samples: int) -> Dict[str, int]:
     n_train = int(num_samples) if num_samples and num_samples > 0 else _DEFAULT_NUM_TRAIN
     return {"train": n_train,
             "val": max(_MIN_EVAL_SAMPLES, n_train // 4),
             "test": max(_MIN_EVAL_SAMPLES, n_train // 2)}
-
 
 def build_synthetic_bundle(cfg_data, image_size: int, seed: int) -> DatasetBundle:
     """Render the train/val/test splits of ``cfg_data.name`` (see SYNTHETIC_TASKS).

@@ -15,7 +15,7 @@ def plot_demo(detail: Dict[str, Dict], gate_entries: Sequence[Tuple[str, Dict]],
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..protocol.gates_plot import save_png
+    from ..analysis.plotting import save_png
 
     fig = Figure(figsize=(16.5, 4.4), dpi=110)
     FigureCanvasAgg(fig)

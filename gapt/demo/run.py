@@ -193,7 +193,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, tasks=TASKS, methods=M
     import torch
     from ..data.synthetic import SYNTHETIC_TASKS
     from ..model import load_model, selection_ratio
-    from ..protocol.gates_plot import gates_table, plot_gates
+    from ..analysis.gates_plot import gates_table, plot_gates
     from .figure import plot_demo
     if not ASSET.exists():
         raise FileNotFoundError(f"the demo backbone is missing: {ASSET} (rerun scripts/pretrain_demo_mae.py)")

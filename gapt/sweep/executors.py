@@ -1,9 +1,9 @@
 """Executors that run a sweep's jobs, and the worker process they launch.
 
 :class:`InlineExecutor` (one run at a time in this process), :class:`ProcessExecutor` (one
-subprocess per run: ``python -m gapt.protocol.sweep_executors --worker trial.yaml``, one GPU
+subprocess per run: ``python -m gapt.sweep.executors --worker trial.yaml``, one GPU
 each, or CPU threads split between workers), :func:`make_executor` (which also picks Ray's,
-:mod:`.sweep_ray`) and the worker's entry point.
+:mod:`.ray_tune`) and the worker's entry point.
 """
 from __future__ import annotations
 
@@ -22,8 +22,22 @@ from typing import Dict, List, Optional, Sequence
 
 from .. import config as C
 from ..engine.runfolder import RESULTS
-from .sweep_jobs import (ERROR_FILE, TRIAL_CONFIG, WORKER_LOG, Job, OnEnd, OnStart, SweepError, call_target,
-                         format_error, load_preload, localize_device, read_error, resolve_runner, write_error)
+from .jobs import (
+    ERROR_FILE,
+    TRIAL_CONFIG,
+    WORKER_LOG,
+    Job,
+    OnEnd,
+    OnStart,
+    SweepError,
+    call_target,
+    format_error,
+    load_preload,
+    localize_device,
+    read_error,
+    resolve_runner,
+    write_error,
+)
 
 
 # -- executors ----------------------------------------------------------------------------------
@@ -82,7 +96,7 @@ _INTERRUPTED = {130, -2, -15, 143}
 
 
 class ProcessExecutor:
-    """One subprocess per run (``python -m gapt.protocol.sweep_executors --worker trial.yaml``), ``workers`` at once.
+    """One subprocess per run (``python -m gapt.sweep.executors --worker trial.yaml``), ``workers`` at once.
 
     Subprocesses rather than a multiprocessing pool: a crash (segfault, out-of-memory kill, a CUDA
     error that poisons the context) ends one run, not the sweep; each worker sets
@@ -109,7 +123,7 @@ class ProcessExecutor:
         return f"{self.workers} CPU worker process(es), {self.threads} torch thread(s) each"
 
     def command(self, job: Job) -> List[str]:
-        cmd = [self.python, "-m", "gapt.protocol.sweep_executors", "--worker", str(job.folder / TRIAL_CONFIG)]
+        cmd = [self.python, "-m", "gapt.sweep.executors", "--worker", str(job.folder / TRIAL_CONFIG)]
         if job.target:
             cmd += ["--target", job.target]
         if job.resume:
@@ -217,7 +231,7 @@ def make_executor(backend: str = "local", workers: Optional[int] = None, preload
     """``local`` with workers == 0 runs inline, else worker processes; ``ray`` needs ``pip install gapt[ray]``."""
     if backend == "ray":
         try:
-            from .sweep_ray import RayExecutor
+            from .ray_tune import RayExecutor
         except ImportError as e:
             raise SweepError(f"--backend ray needs Ray Tune, which is not installed: pip install gapt[ray] "
                              f"({e})") from None
@@ -233,7 +247,7 @@ def make_executor(backend: str = "local", workers: Optional[int] = None, preload
 
 # -- worker process -----------------------------------------------------------------------------
 def _worker_main(argv: Optional[List[str]] = None) -> int:
-    """``python -m gapt.protocol.sweep_executors --worker trial.yaml [--resume]``: one run, its error to error.json."""
+    """``python -m gapt.sweep.executors --worker trial.yaml [--resume]``: one run, its error to error.json."""
     p = argparse.ArgumentParser(prog="gapt-sweep-worker")
     p.add_argument("--worker", required=True, metavar="TRIAL_YAML")
     p.add_argument("--resume", action="store_true")

@@ -26,19 +26,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
-FGVC_TASKS: Tuple[str, ...] = ("cub", "flowers", "cars", "dogs", "nabirds")
-
-VTAB_GROUPS: Dict[str, Tuple[str, ...]] = {
-    "natural": ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet",
-                "svhn", "sun397"),
-    "specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
-    "structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc",
-                   "dsprites_ori", "smallnorb_azi", "smallnorb_ele"),
-}
-VTAB_TASKS: Tuple[str, ...] = tuple(t for tasks in VTAB_GROUPS.values() for t in tasks)
-VTAB_GROUP_OF: Dict[str, str] = {t: g for g, tasks in VTAB_GROUPS.items() for t in tasks}
-
-ADE20K_METRICS: Tuple[str, ...] = ("mIoU", "mIoU_ms")
+from ..tasks import ADE20K_METRICS, FGVC_TASKS, VTAB_GROUP_OF, VTAB_GROUPS, VTAB_TASKS  # noqa: F401 (re-exported)
 
 PAPER_BACKBONES: Tuple[str, ...] = ("mae_vitb16", "mocov3_vitb16")
 

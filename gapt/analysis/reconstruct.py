@@ -24,207 +24,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-import torch
-import torch.nn as nn
 
-from .analyze import _new_figure, _write_text
-from .gates_plot import save_png
+from .dip import DEFAULTS, JOB_FILE, ORIGINAL_PNG, RECON_PNG, STATE_FILE, TARGET
+from .plotting import new_figure, save_png, write_text
 
 log = logging.getLogger("gapt")
 
 PathLike = Union[str, Path]
-TARGET = "gapt.protocol.analysis_reconstruct:run_reconstruct_job"
-JOB_FILE, STATE_FILE, RECON_PNG, ORIGINAL_PNG = "job.json", "state.pt", "recon.png", "original.png"
-DEFAULTS = dict(steps=2000, lr=0.01, image_size=224, scales=5, channels=128, skip_channels=4, input_channels=32,
-                input_scale=0.1, reg_noise_std=1.0 / 30, seed=0, save_every=100, log_every=200)
 
 
-# -- the generator (DIP "skip" network) ----------------------------------------------------------
-def _conv(cin: int, cout: int, k: int, stride: int = 1) -> List[nn.Module]:
-    # DIP pads by reflection so that the borders are not darker than the centre
-    return [nn.ReflectionPad2d(k // 2), nn.Conv2d(cin, cout, k, stride=stride), nn.BatchNorm2d(cout),
-            nn.LeakyReLU(0.2, inplace=True)]
-
-
-class _Level(nn.Module):
-    """One scale: a skip branch and a deeper branch (down 2x, [next level], up 2x), concatenated, then convs."""
-
-    def __init__(self, cin: int, channels: int, skip: int, deeper: Optional[nn.Module]):
-        super().__init__()
-        self.skip = nn.Sequential(*_conv(cin, skip, 1)) if skip else None
-        self.down = nn.Sequential(*_conv(cin, channels, 3, stride=2), *_conv(channels, channels, 3))
-        self.deeper = deeper
-        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        self.merge = nn.Sequential(nn.BatchNorm2d(skip + channels), *_conv(skip + channels, channels, 3),
-                                   *_conv(channels, channels, 1))
-
-    def forward(self, x):
-        y = self.down(x)
-        if self.deeper is not None:
-            y = self.deeper(y)
-        y = self.up(y)
-        if y.shape[-2:] != x.shape[-2:]:  # odd sizes: match the skip branch
-            y = nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.merge(torch.cat([self.skip(x), y], 1) if self.skip is not None else y)
-
-
-class SkipGenerator(nn.Module):
-    """DIP's encoder-decoder with skip connections: ``scales`` levels of ``channels`` channels, sigmoid output."""
-
-    def __init__(self, input_channels: int = 32, channels: int = 128, skip_channels: int = 4, scales: int = 5,
-                 out_channels: int = 3):
-        super().__init__()
-        level = None
-        for i in reversed(range(scales)):
-            level = _Level(input_channels if i == 0 else channels, channels, skip_channels, level)
-        self.body = level
-        self.head = nn.Conv2d(channels, out_channels, 1)
-
-    def forward(self, z):
-        return torch.sigmoid(self.head(self.body(z)))
-
-
-# -- one job ---------------------------------------------------------------------------------------
-def load_image(path: PathLike, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: resized on the short side (bicubic) and centre-cropped; exactly what recon is scored against."""
-    from PIL import Image
-    try:
-        im = Image.open(path).convert("RGB")
-    except Exception as e:  # noqa: BLE001 - any unreadable file
-        raise ValueError(f"cannot read image {path}: {e}") from None
-    w, h = im.size
-    s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    from ..data import IMAGENET_MEAN, IMAGENET_STD
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def block_tokens(vit, images: torch.Tensor, block: int) -> torch.Tensor:
-    """The tokens leaving block ``block`` (1-based; CLS/registers and patches) of a timm ViT on normalised images."""
-    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
-    for i in range(block):
-        x = vit.blocks[i](x)
-    return x
-
-
-def image_scores(recon_u8: np.ndarray, original_u8: np.ndarray) -> Dict[str, float]:
-    """PSNR (data range 1) and SSIM (Gaussian window 11, sigma 1.5) from torchmetrics, on 8-bit images in [0, 1]."""
-    try:
-        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-    except ImportError:
-        raise ImportError("PSNR/SSIM need torchmetrics: pip install 'gapt[analysis]' (or pip install torchmetrics)") from None
-
-    def t(a):
-        return torch.from_numpy(np.array(a, dtype=np.uint8)).permute(2, 0, 1)[None].double() / 255.0
-    p, o = t(recon_u8), t(original_u8)
-    psnr = peak_signal_noise_ratio(p, o, data_range=1.0)
-    ssim = structural_similarity_index_measure(p, o, data_range=1.0, kernel_size=11, sigma=1.5, gaussian_kernel=True)
-    return {"psnr": float(psnr), "ssim": float(ssim)}
-
-
-def _to_u8(x: torch.Tensor) -> np.ndarray:
-    return (x[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
-def run_reconstruct_job(folder: PathLike, resume: bool = True, stop_after_step: Optional[int] = None) -> Dict[str, Any]:
-    """Run (or resume) the DIP job whose ``job.json`` is in ``folder``; writes recon.png + results.json at the end.
-
-    ``stop_after_step`` (tests): return after that step as if killed, leaving ``state.pt``."""
-    from PIL import Image
-
-    from ..engine import runfolder as rf
-    from ..model.build import build_backbone
-
-    folder = Path(folder)
-    spec = {**DEFAULTS, **json.loads((folder / JOB_FILE).read_text())}
-    device = torch.device(spec.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    size, block, steps = int(spec["image_size"]), int(spec["block"]), int(spec["steps"])
-    original = load_image(spec["image"], size)
-    Image.fromarray(original).save(folder / ORIGINAL_PNG)
-    x0 = torch.from_numpy(original.copy()).permute(2, 0, 1)[None].float().div(255.0).to(device)
-
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # weights=None: a random backbone, on purpose in tests
-        vit, _ = build_backbone(spec["backbone"], spec.get("weights"), image_size=size,
-                                random_seed=spec.get("backbone_seed"))
-    depth = len(vit.blocks)
-    if not 1 <= block <= depth:
-        raise ValueError(f"block {block}: the backbone {spec['backbone']} has blocks 1..{depth}")
-    vit = vit.to(device).eval().requires_grad_(False)
-    with torch.no_grad():
-        target = block_tokens(vit, _normalise(x0), block)
-
-    gen_cpu = torch.Generator().manual_seed(int(spec["seed"]))
-    torch.manual_seed(int(spec["seed"]))  # the generator's initial weights
-    net = SkipGenerator(int(spec["input_channels"]), int(spec["channels"]), int(spec["skip_channels"]),
-                        int(spec["scales"])).to(device)
-    z = torch.rand(1, int(spec["input_channels"]), size, size, generator=gen_cpu) * float(spec["input_scale"])
-    opt = torch.optim.Adam(net.parameters(), lr=float(spec["lr"]))
-    step, losses = 0, []
-    state_path = folder / STATE_FILE
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        gen_cpu.set_state(state["rng"])
-        z, step, losses = state["z"], int(state["step"]), [float(v) for v in state["losses"]]
-        log.info("%s: resuming at step %d/%d", folder, step, steps)
-    z = z.to(device)
-    net.train()
-    start = time.time()
-    while step < steps:
-        noise = torch.randn(z.shape, generator=gen_cpu).to(device) * float(spec["reg_noise_std"])
-        out = net(z + noise)
-        loss = torch.mean((block_tokens(vit, _normalise(out), block) - target) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        losses.append(loss.detach().item())
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"{folder}: DIP loss is {losses[-1]} at step {step}")
-        if step % int(spec["log_every"]) == 0 or step == steps:
-            log.info("%s: step %d/%d loss %.5g", folder.name, step, steps, losses[-1])
-        if step % int(spec["save_every"]) == 0 or step == steps or step == stop_after_step:
-            rf.atomic_torch_save({"net": net.state_dict(), "opt": opt.state_dict(), "rng": gen_cpu.get_state(),
-                                  "z": z.cpu(), "step": step, "losses": losses}, state_path)
-        if stop_after_step is not None and step >= stop_after_step and step < steps:
-            return {"step": step, "losses": losses}
-    net.eval()
-    with torch.no_grad():
-        recon = _to_u8(net(z))
-    Image.fromarray(recon).save(folder / RECON_PNG)
-    scores = image_scores(np.asarray(Image.open(folder / RECON_PNG).convert("RGB")), original)
-    result = {"image": spec["image"], "backbone": spec["backbone"], "label": spec.get("label", spec["backbone"]),
-              "weights": spec.get("weights"), "block": block, "steps": steps, **scores,
-              "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-              "loss_curve": losses[:: max(1, len(losses) // 100)], "recon": RECON_PNG, "original": ORIGINAL_PNG,
-              "time_s": round(time.time() - start, 2)}
-    rf.write_json(folder / rf.RESULTS, result)
-    return result
-
-
-# -- the plan and the driver -----------------------------------------------------------------------
 def _image_id(path: Path) -> str:
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:6]
     return f"{path.resolve().parent.name}-{path.stem}-{digest}"
-
 
 def reconstruct_jobs(images: Sequence[PathLike], backbones: Sequence[Dict[str, Any]], blocks: Optional[Sequence[int]],
                      out: PathLike, **options) -> List[Any]:
@@ -233,8 +50,8 @@ def reconstruct_jobs(images: Sequence[PathLike], backbones: Sequence[Dict[str, A
     ``backbones``: ``[{"backbone", "weights", "label"}, ...]``; ``blocks`` 1-based (default: every block of each
     backbone); ``options``: the SPEC §10 settings in :data:`DEFAULTS` plus ``device``. A folder whose job.json
     holds other settings is an error naming them (choose another --out)."""
-    from .analysis_insertion import backbone_depth
-    from .sweep_jobs import Job
+    from ..sweep.jobs import Job
+    from .insertion import backbone_depth
     unknown = sorted(set(options) - set(DEFAULTS) - {"device", "backbone_seed"})
     if unknown:
         raise ValueError(f"unknown reconstruction option(s): {', '.join(unknown)}")
@@ -260,7 +77,6 @@ def reconstruct_jobs(images: Sequence[PathLike], backbones: Sequence[Dict[str, A
                 jobs.append(_job(Job, folder, spec, f"{label}-{_image_id(image)}-block_{k}"))
     return jobs
 
-
 def _weights(w: Optional[str]) -> Optional[str]:
     """A weights path made absolute (jobs may run elsewhere); "null"/"none" for a random backbone."""
     if w is None or str(w).lower() in ("null", "none"):
@@ -269,16 +85,13 @@ def _weights(w: Optional[str]) -> Optional[str]:
         raise FileNotFoundError(f"--weights {w}: file not found")
     return str(Path(w).resolve())
 
-
 def _job(Job, folder: Path, spec: Dict[str, Any], name: str):
     job = Job(kind="recon", name=name, folder=folder, overrides={}, target=TARGET)
     job.spec = spec  # written to job.json by prepare_jobs
     return job
 
-
 # settings that may change between a killed run and its restart without changing a job's result
 _FREE = ("device", "log_every", "save_every")
-
 
 def _check_job(folder: Path, spec: Dict[str, Any]) -> None:
     path = folder / JOB_FILE
@@ -290,7 +103,6 @@ def _check_job(folder: Path, spec: Dict[str, Any]) -> None:
         raise ValueError(f"{folder} holds a reconstruction with other settings ({'; '.join(diffs[:4])}); "
                          f"choose another --out or delete that folder")
 
-
 def prepare_jobs(jobs) -> None:
     from ..engine import runfolder as rf
     for job in jobs:
@@ -298,13 +110,12 @@ def prepare_jobs(jobs) -> None:
         rf.atomic_write_text(job.folder / JOB_FILE, json.dumps(job.spec, indent=2) + "\n")
         job.resume = (job.folder / STATE_FILE).exists()
 
-
 def reconstruct(images: Sequence[PathLike], backbones: Sequence[Dict[str, Any]], blocks: Optional[Sequence[int]] = None,
                 out: PathLike = "reconstruct", executor=None, **options) -> Dict[str, Any]:
     """Plan, run (through ``executor``; default inline) and summarise the reconstructions; see the module doc."""
     from ..engine import runfolder as rf
     from ..engine.inference import expand_images
-    from .sweep_executors import InlineExecutor
+    from ..sweep.executors import InlineExecutor
 
     images = expand_images([str(i) for i in images])
     if not backbones:
@@ -316,7 +127,6 @@ def reconstruct(images: Sequence[PathLike], backbones: Sequence[Dict[str, Any]],
     prepare_jobs(todo)
     errors = _run_target_jobs(todo, executor or InlineExecutor()) if todo else {}
     return summarise(jobs, out, errors)
-
 
 def _run_target_jobs(jobs, executor) -> Dict[str, Optional[str]]:
     total, done, outcome = len(jobs), [0], {}
@@ -334,7 +144,6 @@ def _run_target_jobs(jobs, executor) -> Dict[str, Optional[str]]:
                  time.time() - (job.started or time.time()), f": {error}" if error else "")
     executor.run(jobs, start, end)
     return outcome
-
 
 def summarise(jobs, out: PathLike, errors: Optional[Dict[str, Optional[str]]] = None) -> Dict[str, Any]:
     """reconstruct.json / .md, the Fig. 9 line plot and one grid per image, from the job folders."""
@@ -357,8 +166,8 @@ def summarise(jobs, out: PathLike, errors: Optional[Dict[str, Optional[str]]] = 
                           "psnr": float(np.mean([r["psnr"] for r in sel])),
                           "ssim": float(np.mean([r["ssim"] for r in sel]))})
     summary = {"rows": rows, "means": means, "failed": missing}
-    _write_text(out / "reconstruct.json", json.dumps(summary, indent=2) + "\n")
-    _write_text(out / "reconstruct.md", reconstruct_table(rows, means, missing))
+    write_text(out / "reconstruct.json", json.dumps(summary, indent=2) + "\n")
+    write_text(out / "reconstruct.md", reconstruct_table(rows, means, missing))
     pngs = {}
     if means:
         pngs["metrics"] = str(plot_metrics(means, out / "reconstruct_metrics.png"))
@@ -370,7 +179,6 @@ def summarise(jobs, out: PathLike, errors: Optional[Dict[str, Optional[str]]] = 
                     "; ".join(f"{m['job']}: {m['error']}" for m in missing[:5]))
     return summary
 
-
 def reconstruct_table(rows, means, missing=()) -> str:
     lines = ["| backbone | block | images | mean PSNR (dB) | mean SSIM |", "|---|---|---|---|---|"]
     lines += [f"| {m['label']} | {m['block']} | {m['n']} | {m['psnr']:.2f} | {m['ssim']:.4f} |" for m in means]
@@ -381,10 +189,9 @@ def reconstruct_table(rows, means, missing=()) -> str:
         lines += ["", "Not finished: " + ", ".join(m["job"] for m in missing)]
     return "\n".join(lines) + "\n"
 
-
 def plot_metrics(means: Sequence[Dict[str, Any]], out_png: PathLike) -> Path:
     """Fig. 9: mean PSNR and mean SSIM per block, one line per backbone."""
-    fig = _new_figure(9.0, 3.4)
+    fig = new_figure(9.0, 3.4)
     axes = fig.subplots(1, 2)
     for label in dict.fromkeys(m["label"] for m in means):
         sel = [m for m in means if m["label"] == label]
@@ -401,13 +208,12 @@ def plot_metrics(means: Sequence[Dict[str, Any]], out_png: PathLike) -> Path:
     fig.suptitle("Deep Image Prior reconstruction from block-l tokens", fontsize=9)
     return save_png(fig, out_png)
 
-
 def plot_grid(rows: Sequence[Dict[str, Any]], out_png: PathLike) -> Path:
     """Figs. 2, 10, 11: a row for the original, then one per backbone; a column per block."""
     from PIL import Image
     labels = list(dict.fromkeys(r["label"] for r in rows))
     blocks = sorted({r["block"] for r in rows})
-    fig = _new_figure(1.3 * len(blocks) + 1.0, 1.4 * (len(labels) + 1) + 0.5)
+    fig = new_figure(1.3 * len(blocks) + 1.0, 1.4 * (len(labels) + 1) + 0.5)
     axes = fig.subplots(len(labels) + 1, len(blocks), squeeze=False)
     original = np.asarray(Image.open(Path(rows[0]["folder"]) / ORIGINAL_PNG).convert("RGB"))
     for c, b in enumerate(blocks):
@@ -430,30 +236,26 @@ def plot_grid(rows: Sequence[Dict[str, Any]], out_png: PathLike) -> Path:
     fig.suptitle(f"{Path(rows[0]['image']).name}: DIP reconstruction from each block (PSNR / SSIM)", fontsize=9)
     return save_png(fig, out_png)
 
-
 # -- `gapt reproduce fig2` / `fig9` --------------------------------------------------------------
 FIG_BACKBONES = ("sup_vitb16", "mocov3_vitb16", "mae_vitb16")  # the paper's row order
-
 
 def plan_fig2(name: str = "fig2"):
     """No training: DIP reconstructions from every block of the supervised, MoCo v3 and MAE ViT-B/16 (rows in
     that order). fig2: the first 2 images (sorted) of CUB and of Flowers; fig9: 100 CUB images spread evenly
     over the sorted list, for the mean PSNR / SSIM per block. Run by :func:`execute_reconstruct`."""
-    from .reproduce import Plan
+    from ..paper.plans import Plan
     plan = Plan(name, "Fig. 2: DIP reconstruction from each block" if name == "fig2" else
                 "Fig. 9: PSNR and SSIM of 100 DIP reconstructions per block", [], render=render_reconstruct,
                 notes=["SPEC §10's DIP settings (2000 Adam steps per image and block)"])
     plan.execute = execute_reconstruct
     return plan
 
-
 def plan_fig9():
     return plan_fig2("fig9")
 
-
 def plan_images(name: str, data_root: PathLike) -> List[Path]:
     from ..data import IMAGE_EXTENSIONS
-    from .reproduce import FGVC_FOLDERS
+    from ..paper.plans import FGVC_FOLDERS
 
     def images(task):
         folder = Path(data_root) / FGVC_FOLDERS[task]
@@ -467,7 +269,6 @@ def plan_images(name: str, data_root: PathLike) -> List[Path]:
     n = min(100, len(cub))
     return [cub[round(i * (len(cub) - 1) / max(1, n - 1))] for i in range(n)]
 
-
 def execute_reconstruct(plan, out, data_root, weights: Dict[str, str], executor=None, **options) -> Dict[str, Any]:
     """Run fig2 / fig9: every image x block x backbone through ``executor``; returns the summary."""
     missing = [b for b in FIG_BACKBONES if b not in weights]
@@ -476,14 +277,13 @@ def execute_reconstruct(plan, out, data_root, weights: Dict[str, str], executor=
     backbones = [{"backbone": b, "weights": weights[b]} for b in FIG_BACKBONES]
     return reconstruct(plan_images(plan.name, data_root), backbones, None, out, executor=executor, **options)
 
-
 def render_reconstruct(plan, results, out_dir) -> List[Path]:
     """The summary of the jobs already finished under ``out_dir`` (reconstruct.md first)."""
     out_dir = Path(out_dir)
     found = sorted((out_dir / "jobs").glob("*/*/block_*/results.json"))
     if not found:
         raise ValueError(f"{plan.name}: no finished reconstruction under {out_dir} yet")
-    from .sweep_jobs import Job
+    from ..sweep.jobs import Job
     jobs = [Job(kind="recon", name=str(f.parent.relative_to(out_dir)), folder=f.parent, overrides={}, target=TARGET)
             for f in found]
     summary = summarise(jobs, out_dir)

@@ -16,8 +16,9 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-Entry = Tuple[str, Dict[str, Any]]
+from .plotting import save_png
 
+Entry = Tuple[str, Dict[str, Any]]
 
 def _check(entries: Sequence[Entry]) -> List[Tuple[str, List[float], List[float], float, Optional[List[float]]]]:
     if not entries:
@@ -41,12 +42,10 @@ def _check(entries: Sequence[Entry]) -> List[Tuple[str, List[float], List[float]
         out.append((str(label), gate, ratio, float(values["inserted_prompt_weight"]), temp))
     return out
 
-
 def _num(x: Optional[float]) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     return f"{x:.4g}"
-
 
 def gates_table(entries: Sequence[Entry]) -> str:
     """A Markdown table: one row per block (1-based), per run the gate g_l, the selection
@@ -72,7 +71,6 @@ def gates_table(entries: Sequence[Entry]) -> str:
         cells += [_num(weight), "—", "—"]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
 
 def plot_gates(entries: Sequence[Entry], out_png: Union[str, Path]) -> Path:
     """Write a PNG: selection ratio per block as grouped bars (one colour per run, paper
@@ -118,12 +116,3 @@ def plot_gates(entries: Sequence[Entry], out_png: Union[str, Path]) -> Path:
         ax.legend(fontsize="small")
 
     return save_png(fig, out_png)
-
-
-def save_png(fig, out_png) -> Path:
-    """Lay out ``fig`` and write it as a PNG, creating the folder; returns the path."""
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, format="png")
-    return out_png

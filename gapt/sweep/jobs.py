@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from .. import config as C
 from ..engine import runfolder as rf
-from ..engine.runfolder import CONFIG as RUN_CONFIG, METRICS, RESULTS, RESUME
+from ..engine.runfolder import CONFIG as RUN_CONFIG
+from ..engine.runfolder import METRICS, RESULTS, RESUME
 
 TRIAL_CONFIG = "trial.yaml"
 ERROR_FILE = "error.json"

@@ -1,23 +1,22 @@
-"""``gapt analyze gates | attention | insertion | ...`` (see :mod:`gapt.protocol.analyze` and the analysis_* modules)."""
+"""``gapt analyze gates | attention | insertion | ...`` (one module of gapt.analysis per figure family)."""
 from __future__ import annotations
 
+import re
 import sys
+from typing import List
 
 EPILOG = "Config keys for insertion: KEY=VALUE overrides as for `gapt train` (see `gapt keys`)."
 
-
 def cmd_gates(args) -> int:
-    from .analyze import analyze_gates
+    from .gates import analyze_gates
     res = analyze_gates(args.runs, args.out)
     print(res["table"], end="")
     extra = f", {res['png_tasks']}" if res.get("png_tasks") else ""
     print(f"\nwrote {res['png']}{extra}, {res['md']} and {res['json']}", file=sys.stderr)
     return 0
 
-
 def cmd_attention(args) -> int:
-    from .analysis_attention import analyze_attention_images
-    from .analyze import parse_blocks
+    from .attention import analyze_attention_images
     blocks = parse_blocks(args.blocks) if args.blocks else None
     results = analyze_attention_images(args.paths, args.out, args.head, device=args.device, blocks=blocks)
     for res in results:
@@ -30,7 +29,6 @@ def cmd_attention(args) -> int:
         print(f"wrote {res['png']}, {res['npz']}, {res['json']} and {res['md']}", file=sys.stderr)
     return 0
 
-
 def _backbone_specs(args):
     """--backbone B [--weights F] [--lr X] ... : the i-th --weights / --lr belong to the i-th --backbone."""
     names = args.backbone or []
@@ -42,12 +40,10 @@ def _backbone_specs(args):
     return [{"backbone": b, "weights": (args.weights or [None] * len(names))[i],
              "lr": (args.lr or [None] * len(names))[i]} for i, b in enumerate(names)]
 
-
 def cmd_insertion(args) -> int:
     from ..config import load_config
-    from .analysis_insertion import insertion_sweep
-    from .analyze import parse_blocks
-    from .sweep_executors import make_executor
+    from ..sweep.executors import make_executor
+    from .insertion import insertion_sweep
     cfg = load_config(args.config, args.overrides)
     blocks = parse_blocks(args.blocks) if args.blocks else None
     backbones = _backbone_specs(args)
@@ -59,11 +55,9 @@ def cmd_insertion(args) -> int:
     failed = [r for c in res["curves"] for r in c["runs"] if r["status"].startswith("failed")]
     return 1 if failed else 0
 
-
 def cmd_reconstruct(args) -> int:
-    from .analysis_reconstruct import reconstruct
-    from .analyze import parse_blocks
-    from .sweep_executors import make_executor
+    from ..sweep.executors import make_executor
+    from .reconstruct import reconstruct
     backbones = _backbone_specs(args)
     if not backbones:
         raise ValueError("give at least one --backbone (with its --weights), e.g. --backbone mae_vitb16 "
@@ -75,28 +69,25 @@ def cmd_reconstruct(args) -> int:
     workers = args.workers if args.workers is not None else (0 if args.backend == "local" else None)
     executor = make_executor(args.backend, workers, use_gpus=args.device != "cpu")
     res = reconstruct(args.images, backbones, blocks, args.out, executor=executor, **options)
-    from .analysis_reconstruct import reconstruct_table
+    from .reconstruct import reconstruct_table
     print(reconstruct_table(res["rows"], res["means"], res["failed"]), end="")
     print(f"\nwrote {args.out}/reconstruct.json, reconstruct.md, reconstruct_metrics.png and "
           f"{len(res['png']) - 1 if res['png'] else 0} grid(s)", file=sys.stderr)
     return 1 if res["failed"] else 0
 
-
 def cmd_ablation(args) -> int:
-    from .analysis_ablation import analyze_ablation
+    from .ablation import analyze_ablation
     res = analyze_ablation(args.runs, args.out, include_trials=args.include_trials)
     print(res["table"], end="")
     print(f"\nwrote {res.get('png', '')} {res['png_tasks']}, {res['md']} and {res['json']}", file=sys.stderr)
     return 0
 
-
 def cmd_tokens(args) -> int:
-    from .analysis_tokens import analyze_tokens
+    from .tokens import analyze_tokens
     res = analyze_tokens(args.runs, args.task, args.out, backbone=args.backbone, include_trials=args.include_trials)
     print(res["table"], end="")
     print(f"\nwrote {res['png']}, {res['md']} and {res['json']}", file=sys.stderr)
     return 0
-
 
 def _head(value: str):
     if value == "mean":
@@ -106,7 +97,6 @@ def _head(value: str):
     except ValueError:
         import argparse
         raise argparse.ArgumentTypeError(f"--head takes 'mean' or a head index, got {value!r}") from None
-
 
 def add_commands(subparsers) -> None:
     a = subparsers.add_parser("analyze", help="the paper's figures from runs: gates, attention, insertion, reconstruct, ablation, tokens")
@@ -192,3 +182,25 @@ def add_commands(subparsers) -> None:
     k.add_argument("--out", help="output folder (default ./analysis)")
     k.add_argument("--include-trials", action="store_true", help="also use sweep trials (folders under trials/)")
     k.set_defaults(func=cmd_tokens)
+
+def parse_blocks(text: str) -> List[int]:
+    """``"1,2,5"`` or ``"1-4,6"`` -> sorted distinct block numbers."""
+    blocks = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        try:
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if lo > hi:
+                    raise ValueError
+                blocks.update(range(lo, hi + 1))
+            else:
+                blocks.add(int(part))
+        except ValueError:
+            raise ValueError(f"--blocks: cannot read {part!r}; give block numbers like 1,2,5 or 1-4") from None
+    if not blocks:
+        raise ValueError("--blocks: no block numbers given")
+    return sorted(blocks)

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .. import config as C
-from .analyze import _fmt, _new_figure, _write_text
-from .gates_plot import save_png
+from .plotting import fmt, new_figure, save_png, write_text
 
 log = logging.getLogger("gapt")
 
@@ -27,7 +26,6 @@ def backbone_depth(cfg) -> int:
     if spec.arch.get("depth"):
         return int(spec.arch["depth"])
     return len(create_vit(spec, cfg.image_size).blocks)
-
 
 def _check_same_run(run_dir: Path, cfg) -> None:
     """A folder found on disk must hold the run this sweep would start, or resuming / skipping lies."""
@@ -41,11 +39,9 @@ def _check_same_run(run_dir: Path, cfg) -> None:
                          + ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in differ.items())
                          + "); choose another out=... for this sweep")
 
-
 def insertion_config(cfg, block: int):
     """The run of the sweep at block ``block``: vpt-at-block k, out=<cfg.out>/insert_<k>."""
     return replace(cfg, method="vpt-at-block", insert_at_block=int(block), out=str(Path(cfg.out) / f"insert_{block}"))
-
 
 def backbone_configs(cfg, backbones: Sequence[Dict[str, Any]]) -> List[Any]:
     """One config per ``{"backbone", "weights", "lr"}`` (weights / lr optional: cfg's), out=<out>/<backbone>.
@@ -65,11 +61,10 @@ def backbone_configs(cfg, backbones: Sequence[Dict[str, Any]]) -> List[Any]:
         out.append(c)
     return out
 
-
 def insertion_jobs(cfg, blocks: Optional[Iterable[int]] = None):
     """The vpt@k jobs of one backbone: ``(depth, blocks, [(k, Job, status)])``; status 'finished' for done folders."""
     from ..engine import runfolder as rf
-    from .sweep_jobs import Job
+    from ..sweep.jobs import Job
     depth = backbone_depth(cfg)
     blocks = list(range(1, depth + 1)) if blocks is None else sorted(set(int(b) for b in blocks))
     bad = [b for b in blocks if not 1 <= b <= depth]
@@ -86,10 +81,9 @@ def insertion_jobs(cfg, blocks: Optional[Iterable[int]] = None):
                      ("resumed" if (folder / rf.RESUME).exists() else "trained")))
     return depth, blocks, jobs
 
-
 def run_jobs(jobs, executor, what: str = "run") -> Dict[str, Optional[str]]:
     """Prepare each job's folder and hand them to ``executor``; log progress; return {name: error or None}."""
-    from .sweep_jobs import prepare_folder
+    from ..sweep.jobs import prepare_folder
     total = len(jobs)
     outcome: Dict[str, Optional[str]] = {}
     if not jobs:
@@ -111,13 +105,12 @@ def run_jobs(jobs, executor, what: str = "run") -> Dict[str, Optional[str]]:
     executor.run(jobs, start, end)
     return outcome
 
-
 def insertion_sweep(cfg, blocks: Optional[Iterable[int]] = None, executor=None,
                     backbones: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
     """Train (or pick up) vpt-at-block k for every k in ``blocks`` (default 1..L) and every backbone, then plot.
 
     ``backbones``: ``[{"backbone", "weights", "lr"}, ...]`` (default: cfg's one backbone, in cfg.out/insert_k;
-    else each in cfg.out/<backbone>/insert_k). ``executor``: from :func:`gapt.protocol.sweep_executors.make_executor`
+    else each in cfg.out/<backbone>/insert_k). ``executor``: from :func:`gapt.sweep.executors.make_executor`
     (default inline). A folder holding a run of a different config is an error naming the keys. Writes
     ``insertion.json`` (``curves``: per backbone its rows; ``runs``: the first curve's rows), ``insertion.md``
     and ``insertion.png`` into ``cfg.out``. Each row records ``frozen_cache_blocks`` from the run's
@@ -125,7 +118,7 @@ def insertion_sweep(cfg, blocks: Optional[Iterable[int]] = None, executor=None,
     """
     from ..engine import distributed as dist
     from ..engine import runfolder as rf
-    from .sweep_executors import InlineExecutor
+    from ..sweep.executors import InlineExecutor
 
     executor = executor or InlineExecutor()
     if cfg.method != "vpt-at-block":
@@ -169,8 +162,8 @@ def insertion_sweep(cfg, blocks: Optional[Iterable[int]] = None, executor=None,
         out = Path(cfg.out)
         summary["table"] = "\n".join(f"### {c['backbone']} (lr {c['lr']})\n\n" + insertion_table(c["runs"])
                                      for c in curves) if len(curves) > 1 else insertion_table(curves[0]["runs"])
-        _write_text(out / "insertion.json", json.dumps(summary, indent=2) + "\n")
-        _write_text(out / "insertion.md", summary["table"])
+        write_text(out / "insertion.json", json.dumps(summary, indent=2) + "\n")
+        write_text(out / "insertion.md", summary["table"])
         task = cfg.data.name or cfg.data.format
         summary["png"] = str(plot_insertion(curves, out / "insertion.png", title=f"{task}: prompts inserted at block k"))
     failed = [r for c in curves for r in c["runs"] if r["status"].startswith("failed")]
@@ -178,23 +171,21 @@ def insertion_sweep(cfg, blocks: Optional[Iterable[int]] = None, executor=None,
         log.warning("insertion sweep: %d run(s) failed: %s", len(failed), ", ".join(r["run"] for r in failed))
     return summary
 
-
 def insertion_table(rows: Sequence[Dict[str, Any]]) -> str:
     lines = ["| insert at block k | val top-1 | test top-1 | train time (s) | cached frozen blocks | status |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         cache = "—" if r["frozen_cache_blocks"] is None else str(r["frozen_cache_blocks"])
-        lines.append(f"| {r['block']} | {_fmt(r['val_top1'])} | {_fmt(r['test_top1'])} | "
-                     f"{_fmt(r['train_time_s'], 1)} | {cache} | {r['status']} |")
+        lines.append(f"| {r['block']} | {fmt(r['val_top1'])} | {fmt(r['test_top1'])} | "
+                     f"{fmt(r['train_time_s'], 1)} | {cache} | {r['status']} |")
     return "\n".join(lines) + "\n"
-
 
 def plot_insertion(curves: Sequence[Dict[str, Any]], out_png, title: str = "") -> Path:
     """Test top-1 against the insertion block k, one line per backbone (paper Fig. 1); with a single
     backbone also its best val top-1 (dashed)."""
     import math
     ks_all = sorted({r["block"] for c in curves for r in c["runs"]})
-    fig = _new_figure(max(5.0, 0.45 * len(ks_all) + 3.0), 3.6)
+    fig = new_figure(max(5.0, 0.45 * len(ks_all) + 3.0), 3.6)
     ax = fig.subplots()
     for c in curves:
         ks = [r["block"] for r in c["runs"]]
@@ -216,17 +207,15 @@ def plot_insertion(curves: Sequence[Dict[str, Any]], out_png, title: str = "") -
         ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
     return save_png(fig, out_png)
 
-
 # -- `gapt reproduce fig1` ---------------------------------------------------------------------
 # SPEC §8, Fig. 1: CUB and KITTI, MAE / MoCo v3 / supervised ViT-B/16, lr per backbone and task.
 FIG1_LR = {("cub", "mae_vitb16"): 0.1, ("cub", "sup_vitb16"): 0.1, ("cub", "mocov3_vitb16"): 1.0,
            ("kitti", "mae_vitb16"): 0.1, ("kitti", "sup_vitb16"): 0.1, ("kitti", "mocov3_vitb16"): 0.1}
 
-
 def plan_fig1():
     """vpt@k for k = 1..12 on CUB and KITTI, one curve per backbone, each run a final run at the paper's lr
     (the VPT-shallow presets' other settings; the supervised backbone takes MAE's). Rendered by :func:`render_fig1`."""
-    from .reproduce import Plan, RunSpec
+    from ..paper.plans import Plan, RunSpec
     specs = []
     for task, bench in (("cub", "fgvc"), ("kitti", "vtab")):
         for bb in ("mae_vitb16", "mocov3_vitb16", "sup_vitb16"):
@@ -239,7 +228,6 @@ def plan_fig1():
                                      overrides=over))
     return Plan("fig1", "Fig. 1: top-1 against the block where prompts are first inserted", specs, render=render_fig1,
                 notes=["the supervised ViT-B/16 (sup_vitb16) uses the MAE VPT-shallow preset with its own weights"])
-
 
 def render_fig1(plan, results, out_dir) -> List[Path]:
     """insertion_<task>.png / .json / .md: a curve per backbone (test top-1 of each vpt@k final run)."""
@@ -257,8 +245,8 @@ def render_fig1(plan, results, out_dir) -> List[Path]:
                              "test_top1_last": None, "train_time_s": None, "frozen_cache_blocks": None,
                              "tuned_params": None, "seeds": len(vals)})
             curves.append({"backbone": bb, "lr": FIG1_LR[(task, bb)], "runs": rows})
-        _write_text(out_dir / f"insertion_{task}.json", json.dumps({"task": task, "curves": curves}, indent=2) + "\n")
-        md = _write_text(out_dir / f"insertion_{task}.md", "\n".join(
+        write_text(out_dir / f"insertion_{task}.json", json.dumps({"task": task, "curves": curves}, indent=2) + "\n")
+        md = write_text(out_dir / f"insertion_{task}.md", "\n".join(
             f"### {c['backbone']} (lr {c['lr']})\n\n" + insertion_table(c["runs"]) for c in curves))
         png = plot_insertion(curves, out_dir / f"insertion_{task}.png", title=f"{task}: prompts inserted at block k")
         paths += [md, out_dir / f"insertion_{task}.json", png]

@@ -31,9 +31,23 @@ except ImportError as e:  # the message gapt sweep shows
 
 from .. import config as C
 from ..engine.runfolder import METRICS, RESULTS
-from .sweep_jobs import (ERROR_FILE, STOPPED_FILE, TRIAL_CONFIG, WORKER_LOG, Job, OnEnd, OnStart, _write_json,
-                         call_target, format_error, load_preload, localize_device, read_error, run_numbers,
-                         write_error)
+from .jobs import (
+    ERROR_FILE,
+    STOPPED_FILE,
+    TRIAL_CONFIG,
+    WORKER_LOG,
+    Job,
+    OnEnd,
+    OnStart,
+    _write_json,
+    call_target,
+    format_error,
+    load_preload,
+    localize_device,
+    read_error,
+    run_numbers,
+    write_error,
+)
 
 log = logging.getLogger("gapt.sweep")
 

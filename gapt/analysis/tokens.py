@@ -14,9 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .analysis_runs import group, load_runs, mean_over_seeds
-from .analyze import _fmt, _new_figure, _write_text
-from .gates_plot import save_png
+from .plotting import fmt, new_figure, save_png, write_text
+from .runs import group, load_runs, mean_over_seeds
 
 # SPEC §8, Table 7: FGVC on MAE ViT-B/16 with fewer prompts; {total prompts: {method: (CUB, Flowers, Cars, Dogs, NABirds, mean)}}
 TABLE7_TASKS = ("cub", "flowers", "cars", "dogs", "nabirds", "mean")
@@ -28,7 +27,6 @@ TABLE7 = {
 # SPEC §8, Fig. 7's text (Stanford Cars): (total prompts, method, top-1)
 TEXT_POINTS = {"cars": ((24, "ours", 66.1), (48, "vpt-deep", 60.9))}
 OURS_KEYS = ("gated+temperature", "gated")  # "Ours" in the paper = gated prompts with learned temperatures
-
 
 def paper_points(task: str) -> List[Dict[str, Any]]:
     """The paper's points for ``task`` (MAE ViT-B/16): Table 7, then the text's where it gives any."""
@@ -42,7 +40,6 @@ def paper_points(task: str) -> List[Dict[str, Any]]:
         pts.append({"total_prompts": total, "method": method, "top1": top1, "source": "text"})
     return pts
 
-
 def _depth(backbone: str) -> int:
     from ..model.backbones import resolve_spec
     try:
@@ -51,7 +48,6 @@ def _depth(backbone: str) -> int:
         return 12
     return int(spec.arch.get("depth") or 12)
 
-
 def total_prompts(run: Dict[str, Any]) -> Optional[int]:
     """Prompts the model adds in all: L x num_prompts for VPT-deep, num_prompts otherwise."""
     n = run.get("num_prompts")
@@ -59,9 +55,8 @@ def total_prompts(run: Dict[str, Any]) -> Optional[int]:
         return None
     return int(n) * _depth(run["backbone"]) if run["method"] == "vpt-deep" else int(n)
 
-
 def tokens_numbers(runs: Sequence[Dict[str, Any]], task: str, backbone: Optional[str] = None) -> Dict[str, Any]:
-    from .report import run_method_key
+    from ..report.tables import run_method_key
     sel = [r for r in runs if r["task"] == task and (backbone is None or r["backbone"] == backbone)
            and r["method"] in ("vpt-deep", "gated") and total_prompts(r) is not None]
     if not sel:
@@ -77,9 +72,8 @@ def tokens_numbers(runs: Sequence[Dict[str, Any]], task: str, backbone: Optional
     return {"task": task, "points": points, "paper": paper_points(task),
             "paper_backbone": "mae_vitb16"}
 
-
 def plot_tokens(numbers: Dict[str, Any], out_png) -> Path:
-    fig = _new_figure(5.8, 3.9)
+    fig = new_figure(5.8, 3.9)
     ax = fig.subplots()
     colours = {"vpt-deep": "#4c8bd6", "ours": "#d6604c"}
     series = group(numbers["points"], lambda p: (p["backbone"], p["method"]))
@@ -105,25 +99,22 @@ def plot_tokens(numbers: Dict[str, Any], out_png) -> Path:
     ax.legend(fontsize=6.5, loc="lower right")
     return save_png(fig, out_png)
 
-
 def tokens_table(numbers: Dict[str, Any]) -> str:
     lines = [f"Task: {numbers['task']}", "", "| backbone | method | total prompts | prompts per block | top-1 | seeds |",
              "|---|---|---|---|---|---|"]
     for p in numbers["points"]:
         lines.append(f"| {p['backbone']} | {p['method']} | {p['total_prompts']} | {p['num_prompts']} | "
-                     f"{_fmt(p['top1'])} | {p['n']} |")
+                     f"{fmt(p['top1'])} | {p['n']} |")
     lines += ["", "| paper (MAE ViT-B/16) | total prompts | top-1 | source |", "|---|---|---|---|"]
     for p in numbers["paper"]:
         lines.append(f"| {'VPT-deep' if p['method'] == 'vpt-deep' else 'Ours'} | {p['total_prompts']} | "
                      f"{p['top1']:.2f} | {p['source']} |")
     return "\n".join(lines) + "\n"
 
-
 def analyze_tokens(paths: Sequence, task: str, out: Optional[str] = None, backbone: Optional[str] = None,
                    include_trials: bool = False) -> Dict[str, Any]:
     """Fig. 7 from run folders; writes tokens.png, tokens.json, tokens.md into ``out`` (default ./analysis)."""
     return tokens_figure(load_runs(paths, include_trials), task, out, backbone)
-
 
 def tokens_figure(runs: Sequence[Dict[str, Any]], task: str, out: Optional[str] = None,
                   backbone: Optional[str] = None) -> Dict[str, Any]:
@@ -132,15 +123,14 @@ def tokens_figure(runs: Sequence[Dict[str, Any]], task: str, out: Optional[str] 
     out_dir = Path(out or "analysis")
     table = tokens_table(numbers)
     return {"numbers": numbers, "table": table, "png": plot_tokens(numbers, out_dir / "tokens.png"),
-            "md": _write_text(out_dir / "tokens.md", table),
-            "json": _write_text(out_dir / "tokens.json", json.dumps(numbers, indent=2) + "\n")}
-
+            "md": write_text(out_dir / "tokens.md", table),
+            "json": write_text(out_dir / "tokens.json", json.dumps(numbers, indent=2) + "\n")}
 
 # -- `gapt reproduce fig7` ---------------------------------------------------------------------
 def plan_fig7():
     """MAE on Stanford Cars at 12, 24, 48 and 96 prompts in all: Ours (Table 5's Cars settings, num_prompts = total)
     and VPT-deep (total / 12 per block, lr searched on val as for Table 7). Rendered by :func:`render_tokens`."""
-    from .reproduce import Plan, RunSpec
+    from ..paper.plans import Plan, RunSpec
     specs = []
     for total in (12, 24, 48, 96):
         specs.append(RunSpec(name=f"mae_vitb16/ours-np{total}/cars", row="Ours", backbone="mae_vitb16",
@@ -153,7 +143,6 @@ def plan_fig7():
                              lr_sweep=True, num_prompts=total // 12))
     return Plan("fig7", "Fig. 7: MAE on Stanford Cars, top-1 against the total number of prompts", specs,
                 render=render_tokens)
-
 
 def render_tokens(plan, results, out_dir) -> List[Path]:
     runs = [r for rs in results.values() for r in rs]

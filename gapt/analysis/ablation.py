@@ -15,22 +15,20 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .analysis_runs import group, load_runs, mean_over_seeds
-from .analyze import _fmt, _new_figure, _write_text
+from .plotting import fmt, new_figure, write_text
+from .runs import group, load_runs, mean_over_seeds
 
 # (method key, label): the ablation's steps, in order
 STEPS = (("vpt-shallow", "VPT-shallow"), ("gated", "+ GATE"), ("gated+temperature", "+ GATE + LT"))
 BENCH_LABEL = {"fgvc": "FGVC mean", "vtab": "VTAB-1k mean", "ade20k": "ADE20K mIoU"}
 
-
 def _key(run) -> str:
-    from .report import run_method_key
+    from ..report.tables import run_method_key
     return run_method_key(run)
-
 
 def ablation_numbers(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """{"tasks": [...], "benchmarks": [...]} rows: benchmark, task, backbone, step, value, n, paper, runs."""
-    from .paper import FGVC_TASKS, VTAB_TASKS, paper_number
+    from ..paper.published import FGVC_TASKS, VTAB_TASKS, paper_number
     keys = {k for k, _ in STEPS}
     runs = [r for r in runs if _key(r) in keys]
     if not runs:
@@ -66,7 +64,6 @@ def ablation_numbers(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
                            "tasks_present": [r["task"] for r in present], "tasks_missing": missing,
                            "paper": paper_number(bench, backbone, mkey, "mean")})
     return {"tasks": tasks, "benchmarks": benchmarks}
-
 
 def _bars(ax, rows: List[Dict[str, Any]], backbones: List[str], title: str, value_key: str = "value") -> None:
     """Grouped bars: a group per backbone, a bar per step; the paper's number as a black marker."""
@@ -105,12 +102,11 @@ def _bars(ax, rows: List[Dict[str, Any]], backbones: List[str], title: str, valu
         lo, hi = min(finite), max(finite)
         ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 5)), hi + 0.15 * (hi - lo + 5))
 
-
 def plot_ablation(rows: List[Dict[str, Any]], panels: List[str], panel_key: str, out_png, title: str,
                   value_key: str = "value") -> Path:
     cols = min(len(panels), 4)
     nrows = (len(panels) + cols - 1) // cols
-    fig = _new_figure(max(6.5, 3.3 * cols + 0.4), 2.9 * nrows + 0.9)
+    fig = new_figure(max(6.5, 3.3 * cols + 0.4), 2.9 * nrows + 0.9)
     axes = fig.subplots(nrows, cols, squeeze=False)
     for i, panel in enumerate(panels):
         ax = axes[i // cols, i % cols]
@@ -137,26 +133,23 @@ def plot_ablation(rows: List[Dict[str, Any]], panels: List[str], panel_key: str,
     fig.savefig(out_png, format="png")  # not save_png: its tight_layout would drop the legend's room
     return out_png
 
-
 def ablation_table(numbers: Dict[str, Any]) -> str:
     lines = ["| benchmark | backbone | step | ours | paper | tasks missing |", "|---|---|---|---|---|---|"]
     label = dict(STEPS)
     for r in numbers["benchmarks"]:
-        ours = _fmt(r["value"]) if r["value"] is not None else \
-            (f"({_fmt(r.get('mean_over_present'))} over {len(r['tasks_present'])})" if r.get("mean_over_present") else "—")
+        ours = fmt(r["value"]) if r["value"] is not None else \
+            (f"({fmt(r.get('mean_over_present'))} over {len(r['tasks_present'])})" if r.get("mean_over_present") else "—")
         lines.append(f"| {BENCH_LABEL.get(r['benchmark'], r['benchmark'])} | {r['backbone']} | {label[r['step']]} | "
-                     f"{ours} | {_fmt(r['paper'])} | {', '.join(r['tasks_missing']) or '—'} |")
+                     f"{ours} | {fmt(r['paper'])} | {', '.join(r['tasks_missing']) or '—'} |")
     lines += ["", "| benchmark | task | backbone | step | ours | seeds | paper |", "|---|---|---|---|---|---|---|"]
     for r in numbers["tasks"]:
-        lines.append(f"| {r['benchmark']} | {r['task']} | {r['backbone']} | {label[r['step']]} | {_fmt(r['value'])} | "
-                     f"{r['n']} | {_fmt(r['paper'])} |")
+        lines.append(f"| {r['benchmark']} | {r['task']} | {r['backbone']} | {label[r['step']]} | {fmt(r['value'])} | "
+                     f"{r['n']} | {fmt(r['paper'])} |")
     return "\n".join(lines) + "\n"
-
 
 def analyze_ablation(paths: Sequence, out: Optional[str] = None, include_trials: bool = False) -> Dict[str, Any]:
     """Figs. 6 and 8 from run folders; writes ablation.png, ablation_tasks.png, ablation.json, ablation.md."""
     return ablation_figures(load_runs(paths, include_trials), out)
-
 
 def ablation_figures(runs: Sequence[Dict[str, Any]], out: Optional[str] = None) -> Dict[str, Any]:
     """Figs. 6 and 8 from results.json dicts (see :func:`analyze_ablation`)."""
@@ -174,7 +167,7 @@ def ablation_figures(runs: Sequence[Dict[str, Any]], out: Optional[str] = None) 
                                    + ("\n* = benchmark incomplete: mean over the tasks present" if incomplete else ""),
                                    value_key="plotted")
     task_rows = [{**r, "panel": f"{r['benchmark']}: {r['task']}"} for r in numbers["tasks"]]
-    from .paper import FGVC_TASKS, VTAB_TASKS
+    from ..paper.published import FGVC_TASKS, VTAB_TASKS
     order_of = {("fgvc", t): i for i, t in enumerate(FGVC_TASKS)}
     order_of.update({("vtab", t): 10 + i for i, t in enumerate(VTAB_TASKS)})
     task_rows.sort(key=lambda r: (order_of.get((r["benchmark"], r["task"]), 100), r["benchmark"], r["task"]))
@@ -182,10 +175,9 @@ def ablation_figures(runs: Sequence[Dict[str, Any]], out: Optional[str] = None) 
     res["png_tasks"] = plot_ablation(task_rows, panels, "panel", out_dir / "ablation_tasks.png",
                                      "Ablation per dataset: VPT-shallow -> + GATE -> + GATE + LT")
     res["table"] = ablation_table(numbers)
-    res["md"] = _write_text(out_dir / "ablation.md", res["table"])
-    res["json"] = _write_text(out_dir / "ablation.json", json.dumps(numbers, indent=2) + "\n")
+    res["md"] = write_text(out_dir / "ablation.md", res["table"])
+    res["json"] = write_text(out_dir / "ablation.json", json.dumps(numbers, indent=2) + "\n")
     return res
-
 
 # -- `gapt reproduce fig6` / `fig8` --------------------------------------------------------------
 def plan_fig6(name: str = "fig6"):
@@ -193,7 +185,7 @@ def plan_fig6(name: str = "fig6"):
     (the tables' baseline settings, lr searched on val), + GATE (Table 5's settings, learn_temperature=false)
     and + GATE + LT (Table 5's settings, learn_temperature=true: Ours on FGVC / VTAB-1k; ADE20K's Ours is the
     + GATE step). Rendered by :func:`render_ablation`."""
-    from .reproduce import Plan, RunSpec, plan_table1, plan_table2, plan_table3
+    from ..paper.plans import Plan, RunSpec, plan_table1, plan_table2, plan_table3
     specs = []
     for table in (plan_table1(), plan_table2(), plan_table3()):
         for s in table.specs:
@@ -211,10 +203,8 @@ def plan_fig6(name: str = "fig6"):
                 notes=["+ GATE: Table 5's settings with learn_temperature=false, + GATE + LT with true (the paper "
                        "gives neither its own settings)"])
 
-
 def plan_fig8():
     return plan_fig6("fig8")
-
 
 def render_ablation(plan, results, out_dir) -> List[Path]:
     runs = [r for rs in results.values() for r in rs]

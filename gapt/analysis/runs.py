@@ -13,14 +13,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, Path]
 
-
 def is_trial(run: Dict[str, Any]) -> bool:
     return "trials" in Path(run.get("run_dir", "")).parts
 
-
 def load_runs(paths: Iterable[PathLike], include_trials: bool = False) -> List[Dict[str, Any]]:
-    """Every valid results.json under ``paths`` (see :func:`gapt.protocol.report.collect_runs`), trials dropped."""
-    from .report import collect_runs
+    """Every valid results.json under ``paths`` (see :func:`gapt.report.tables.collect_runs`), trials dropped."""
+    from ..report.tables import collect_runs
     runs = collect_runs(list(paths))
     if not include_trials:
         runs = [r for r in runs if not is_trial(r)]
@@ -29,14 +27,12 @@ def load_runs(paths: Iterable[PathLike], include_trials: bool = False) -> List[D
                          + ("" if include_trials else " outside sweep trials/ folders (--include-trials to use them)"))
     return runs
 
-
 def metric_of(run: Dict[str, Any], metric: Optional[str] = None) -> Optional[float]:
     """test top-1, or mIoU for segmentation runs (``metric`` overrides)."""
-    from .report import primary_metrics
+    from ..report.tables import primary_metrics
     name = metric or primary_metrics(run["benchmark"])[0]
     v = run["metrics"].get(name)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
 
 def mean_over_seeds(runs: Sequence[Dict[str, Any]], metric: Optional[str] = None) -> Dict[str, Any]:
     values = [(r["seed"], metric_of(r, metric), r.get("run_dir")) for r in runs]
@@ -45,7 +41,6 @@ def mean_over_seeds(runs: Sequence[Dict[str, Any]], metric: Optional[str] = None
         return {"value": None, "n": 0, "seeds": [], "runs": []}
     return {"value": sum(v for _, v, _ in values) / len(values), "n": len(values),
             "seeds": [s for s, _, _ in values], "runs": [d for _, _, d in values]}
-
 
 def group(runs: Sequence[Dict[str, Any]], key) -> Dict[Tuple, List[Dict[str, Any]]]:
     out: Dict[Tuple, List[Dict[str, Any]]] = {}

@@ -24,8 +24,12 @@ per cell, reproduce.json, TABLE.md and TABLE.csv (each cell: ours, paper, differ
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce import PLANS, ReproduceError, dry_run, get_plan, parse_weights, render_plan, run_plan
     from pathlib import Path
+
+    from .plans import PLANS, ReproduceError, get_plan
+    from .inputs import dry_run, parse_weights
+    from .render import render_plan
+    from .runner import run_plan
     try:
         plan = get_plan(args.table)
         if args.backbone:
@@ -75,7 +79,7 @@ def cmd_reproduce(args) -> int:
 
 
 def _main_wrapper(args) -> int:
-    from .sweep_jobs import SweepError
+    from ..sweep.jobs import SweepError
     try:
         return cmd_reproduce(args)
     except SweepError as e:

@@ -19,11 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .analyze import _new_figure, _write_text, run_labels
-from .gates_plot import save_png
+from .plotting import new_figure, run_labels, save_png, write_text
 
 PathLike = Union[str, Path]
-
 
 def _frozen_counterpart(cfg, model):
     """The backbone without prompts or temperatures. Prompt methods share the tuned model's own
@@ -39,7 +37,6 @@ def _frozen_counterpart(cfg, model):
     return PromptedViT(model.backbone, method="linear", num_classes=model.num_classes, pooling=model.pooling,
                        backbone_name=model.backbone_name, image_size=model.image_size).eval()
 
-
 def _load_run_for_analysis(run_dir: PathLike):
     """``load_run`` (a ``weights: null`` run gets the random backbone it trained on, rebuilt from
     train.seed by the engine), with the random-weights warning kept quiet."""
@@ -48,13 +45,11 @@ def _load_run_for_analysis(run_dir: PathLike):
         warnings.simplefilter("ignore", UserWarning)
         return load_run(str(run_dir))
 
-
 def _reduce_heads(probs: torch.Tensor, head: Union[str, int]) -> torch.Tensor:
     """(heads, S, S) -> (S, S)."""
     if head == "mean":
         return probs.mean(0)
     return probs[int(head)]
-
 
 @torch.no_grad()
 def attention_summary(model, image: torch.Tensor, head: Union[str, int] = "mean") -> Dict[str, np.ndarray]:
@@ -105,7 +100,6 @@ def attention_summary(model, image: torch.Tensor, head: Union[str, int] = "mean"
     arrays["grid"] = np.asarray([gh, gw])
     return arrays
 
-
 def _overlay(ax, picture: np.ndarray, amap: Optional[np.ndarray], grid: Tuple[int, int]) -> None:
     ax.imshow(picture)
     if amap is not None and np.isfinite(amap).all():
@@ -119,13 +113,12 @@ def _overlay(ax, picture: np.ndarray, amap: Optional[np.ndarray], grid: Tuple[in
     ax.set_xticks([])
     ax.set_yticks([])
 
-
 def plot_attention(rows: List[Tuple[str, np.ndarray]], picture: np.ndarray, grid: Tuple[int, int],
                    out_png: PathLike, title: str = "", blocks: Optional[Sequence[int]] = None) -> Path:
     """A grid: one row per (name, (L, N) maps), one column per block (1-based ``blocks``, default all);
     each map min-max scaled on its own, upsampled bilinearly over ``picture`` (H, W, 3 in [0, 1])."""
     blocks = list(blocks) if blocks else list(range(1, rows[0][1].shape[0] + 1))
-    fig = _new_figure(1.45 * len(blocks) + 1.2, 1.55 * len(rows) + 0.6)
+    fig = new_figure(1.45 * len(blocks) + 1.2, 1.55 * len(rows) + 0.6)
     axes = fig.subplots(len(rows), len(blocks), squeeze=False)
     for r, (name, maps) in enumerate(rows):
         for c, b in enumerate(blocks):
@@ -139,13 +132,11 @@ def plot_attention(rows: List[Tuple[str, np.ndarray]], picture: np.ndarray, grid
         fig.suptitle(title, fontsize=9)
     return save_png(fig, out_png)
 
-
 def _display_picture(x: torch.Tensor, mean=None, std=None) -> np.ndarray:
     from ..data import IMAGENET_MEAN, IMAGENET_STD
     mean = torch.tensor(mean or IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(std or IMAGENET_STD).view(3, 1, 1)
     return (x.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
 
 def output_name(image: PathLike, head: Union[str, int]) -> str:
     """``attention_<folder>-<stem>_head-<head>_<hash>``: unique per image path and head, readable."""
@@ -154,12 +145,10 @@ def output_name(image: PathLike, head: Union[str, int]) -> str:
     folder = p.resolve().parent.name or "root"
     return f"attention_{folder}-{p.stem}_head-{head}_{digest}"
 
-
 def is_run_folder(path: PathLike) -> bool:
     from ..engine import runfolder as rf
     p = Path(path)
     return p.is_dir() and ((p / rf.CONFIG).is_file() or (p / rf.TUNED).is_file())
-
 
 def split_runs_and_images(paths: Sequence[PathLike]) -> Tuple[List[str], List[Path]]:
     """``RUN... IMAGE...``: the leading run folders, then images or folders of images (expanded as
@@ -178,7 +167,6 @@ def split_runs_and_images(paths: Sequence[PathLike]) -> Tuple[List[str], List[Pa
         if is_run_folder(p):
             raise ValueError(f"{p} is a run folder after an image; give all run folders first, then the images")
     return runs, expand_images(paths)
-
 
 def analyze_attention(run_dir: Union[PathLike, Sequence[PathLike]], image: PathLike, out: Optional[PathLike] = None,
                       head: Union[str, int] = "mean", device: Optional[str] = None,
@@ -267,15 +255,14 @@ def analyze_attention(run_dir: Union[PathLike, Sequence[PathLike]], image: PathL
             "cls_to_prompts": [round(float(m["cls_to_prompts"][b - 1]), 6) for b in blocks]
             if "cls_to_prompts" in m else [0.0] * len(blocks),
             "cls_to_prefix": [round(float(m["cls_to_prefix"][b - 1]), 6) for b in blocks]})
-    js = _write_text(out_dir / f"{stem}.json", json.dumps(summary, indent=2) + "\n")
+    js = write_text(out_dir / f"{stem}.json", json.dumps(summary, indent=2) + "\n")
     md_lines = ["| model | block | CLS->patches | CLS->prompts | CLS->CLS/registers |", "|---|---|---|---|---|"]
     for r in summary["rows"]:
         for b, p, q, s in zip(blocks, r["cls_to_patches"], r["cls_to_prompts"], r["cls_to_prefix"]):
             md_lines.append(f"| {r['label']} | {b} | {p:.4f} | {q:.4f} | {s:.4f} |")
-    md = _write_text(out_dir / f"{stem}.md", "\n".join(md_lines) + "\n")
+    md = write_text(out_dir / f"{stem}.md", "\n".join(md_lines) + "\n")
     return {"png": png, "npz": npz, "json": js, "md": md, "arrays": arrays, "summary": summary,
             "method": model0.method, "image": str(image)}
-
 
 def analyze_attention_images(paths: Sequence[PathLike], out: Optional[PathLike] = None, head: Union[str, int] = "mean",
                              device: Optional[str] = None, blocks: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
@@ -284,12 +271,11 @@ def analyze_attention_images(paths: Sequence[PathLike], out: Optional[PathLike] 
     models = [_load_run_for_analysis(r) for r in runs]
     return [analyze_attention(runs, im, out, head, device, blocks, models=models) for im in images]
 
-
 # -- `gapt reproduce fig5` ---------------------------------------------------------------------
 def plan_fig5():
     """MAE on CUB: + GATE (Table 5's settings, learn_temperature=false) and GATE + LT (Ours); rendered by
     :func:`render_fig5`: attention at blocks 3, 7 and 12, frozen MAE first."""
-    from .reproduce import Plan, RunSpec, plan_table1
+    from ..paper.plans import Plan, RunSpec, plan_table1
     ours = [s for s in plan_table1().specs if s.backbone == "mae_vitb16" and s.task == "cub"
             and s.method.startswith("gated") and s.gate_type == "soft"][0]
     gate = RunSpec(**{**ours.__dict__, "name": ours.name.replace("/ours/", "/gate/"), "row": "+ GATE",
@@ -297,7 +283,6 @@ def plan_fig5():
     return Plan("fig5", "Fig. 5: attention maps at blocks 3, 7 and 12: frozen MAE, + GATE, + GATE + LT",
                 [gate, ours], render=render_fig5,
                 notes=["the image: the first test image (sorted by path) under the runs' data.root"])
-
 
 def first_image(run_dir: PathLike) -> Path:
     """The first image file (sorted by path) under the data.root of a run's config.yaml."""
@@ -309,7 +294,6 @@ def first_image(run_dir: PathLike) -> Path:
     if not found:
         raise FileNotFoundError(f"no image under {root} (data.root of {run_dir})")
     return found[0]
-
 
 def render_fig5(plan, results, out_dir) -> List[Path]:
     runs = []

@@ -27,8 +27,9 @@ resume from their last.pt, failed ones are kept as failed unless --retry-failed.
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import run_benchmark, run_sweep
-    from .sweep_jobs import SweepError
+    from .jobs import SweepError
+    from .benchmark import run_benchmark
+    from .run import run_sweep
     items = list(args.items)
     benchmark = items.pop(0) if items and items[0] in BENCHMARKS else None
     bad = [i for i in items if "=" not in i]
@@ -84,7 +85,8 @@ def _stop_on_sigterm(signum, frame):
 def _main_wrapper(args) -> int:
     import signal
     import threading
-    from .sweep_jobs import SweepError
+
+    from .jobs import SweepError
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
