@@ -74,6 +74,7 @@ class SegConfig:
     poly_power: float = 0.9
     min_lr: float = 1e-4
     crop_size: int = 512            # segmentation: training crop and sliding window
+    sincos_pos_embed: str = "interpolate"  # MoCo v3's sin-cos table at the crop: interpolate (MMSegmentation) | rebuild
 
 
 @dataclass
@@ -102,6 +103,7 @@ CHOICES = {
     "train.schedule": ["cosine", "cosine_epoch"],
     "train.precision": ["auto", "fp32", "bf16"],
     "train.logger": ["auto", "tensorboard", "wandb", "none"],
+    "seg.sincos_pos_embed": ["interpolate", "rebuild"],
 }
 
 

@@ -4,6 +4,7 @@ go after CLS + registers; on a RoPE Eva (DINOv3) every prompt method equals a fo
 from the equations, prompts getting no rotary embedding."""
 import json
 import math
+import re
 import warnings
 from functools import partial
 
@@ -16,7 +17,7 @@ from timm.models import vision_transformer as timm_vit
 
 from gapt import build_model
 from gapt.cli import main
-from gapt.model.backbones import BACKBONES, BackboneSpec, create_vit, register_backbone
+from gapt.model.backbones import BACKBONES, IJEPA_ENCODER, BackboneSpec, create_vit, register_backbone
 from gapt.model.checkpoints import CheckpointError
 
 P, D, DEPTH, HEADS, HD = 8, 32, 4, 2, 16
@@ -32,6 +33,9 @@ register_backbone(BackboneSpec("test_timmfmt_reg_tiny", dict(TINY, init_values=1
                                                              no_embed_class=True), "cls", "timm", image_size=64))
 register_backbone(BackboneSpec("test_ijepa_tiny", dict(TINY, class_token=False, global_pool="avg"), "mean_normed",
                                "ijepa", image_size=64))
+for _name, _which in (("test_ijepa_target_tiny", "target_encoder"), ("test_ijepa_context_tiny", "encoder")):
+    register_backbone(BackboneSpec(_name, dict(TINY, class_token=False, global_pool="avg"), "mean_normed", "ijepa",
+                                   image_size=64, extra={IJEPA_ENCODER: _which}))  # as ijepa_vith14[_context]
 register_backbone(BackboneSpec("test_dinov3_tiny", EVA, "cls", "dinov3", image_size=32, family="eva"))
 
 
@@ -68,15 +72,28 @@ def dinov2_file(path, registers: bool):
     return path
 
 
-def ijepa_file(path):
-    """IN1K-vit.h.14-300e.pth.tar in miniature: encoder / predictor / target_encoder with module. keys."""
-    torch.manual_seed(2)
-    enc = {"module.pos_embed": rnd(1, 64, D), "module.patch_embed.proj.weight": rnd(D, 3, P, P, scale=0.1),
-           "module.patch_embed.proj.bias": rnd(D), **vit_blocks("module.", layer_scale=False),
-           "module.norm.weight": 1 + rnd(D), "module.norm.bias": rnd(D)}
-    torch.save({"encoder": enc, "predictor": {"module.predictor_embed.weight": rnd(16, D)},
-                "target_encoder": {k: v + 0.01 for k, v in enc.items()}, "epoch": 300, "lr": 0.001}, path)
-    return path
+def ijepa_encoder_dict(seed):
+    """One encoder of an I-JEPA file: DDP's ``module.`` keys, no CLS token, a sin-cos-sized 8x8 table."""
+    torch.manual_seed(seed)
+    return {"module.pos_embed": rnd(1, 64, D), "module.patch_embed.proj.weight": rnd(D, 3, P, P, scale=0.1),
+            "module.patch_embed.proj.bias": rnd(D), **vit_blocks("module.", layer_scale=False),
+            "module.norm.weight": 1 + rnd(D), "module.norm.bias": rnd(D)}
+
+
+def ijepa_file(path, encoders=("encoder", "target_encoder")):
+    """IN1K-vit.h.14-300e.pth.tar in miniature, the dict of I-JEPA's ``src/train.py`` save_checkpoint:
+    encoder / predictor / target_encoder (each under DDP: ``module.`` keys), opt, scaler, epoch, loss,
+    batch_size, world_size, lr. The context and target encoders hold unrelated values.
+    Returns (path, {name: the encoder tensors written})."""
+    written = {"encoder": ijepa_encoder_dict(2), "target_encoder": ijepa_encoder_dict(3)}
+    torch.manual_seed(4)
+    ckpt = {"predictor": {"module.predictor_embed.weight": rnd(16, D), "module.mask_token": rnd(1, 1, 16)},
+            "opt": {"state": {0: {"step": torch.tensor(10.0), "exp_avg": rnd(D)}},
+                    "param_groups": [{"lr": 0.001, "weight_decay": 0.04, "params": [0]}]},
+            "scaler": None, "epoch": 300, "loss": 0.123, "batch_size": 128, "world_size": 16, "lr": 0.001}
+    ckpt.update({name: written[name] for name in encoders})
+    torch.save(ckpt, path)
+    return path, {name: written[name] for name in encoders}
 
 
 def dinov3_file(path):
@@ -154,17 +171,65 @@ def test_dinov2_prompts_go_after_the_registers(tmp_path, images):
 
 
 def test_ijepa_file_gives_timm_logits(tmp_path, images):
-    path = ijepa_file(tmp_path / "IN1K-vit.h.14-300e.pth.tar")
+    """timm's own model and filter on the target encoder, handed to timm under the 'encoder' key it reads."""
+    path, written = ijepa_file(tmp_path / "IN1K-vit.h.14-300e.pth.tar")
     model = gapt_model("test_ijepa_tiny", path)
     assert model.backbone.num_prefix_tokens == 0 and model.pooling == "mean_normed"
+    target_only = tmp_path / "target_as_encoder.pth"
+    torch.save({"encoder": written["target_encoder"]}, target_only)
     expected = timm_logits(timm_vit.VisionTransformer, dict(TINY, img_size=32, class_token=False, global_pool="avg",
-                                                            fc_norm=False), path, timm_vit.checkpoint_filter_fn,
+                                                            fc_norm=False), target_only, timm_vit.checkpoint_filter_fn,
                            model.head, images)
     with torch.no_grad():
         assert torch.allclose(model(images), expected, atol=1e-5)
-    # the file's encoder (what timm reads), not its target encoder
-    raw = torch.load(path, weights_only=True)
-    assert torch.equal(model.backbone.norm.weight, raw["encoder"]["module.norm.weight"])
+
+
+def _ijepa_backbone(backbone, path):
+    """The backbone's tensors under the file's names: 'module.' + the timm key (built at the file's 64 px,
+    so the position embedding is the file's own 8x8 table, not a resized one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(backbone, method="linear", weights=str(path), num_classes=5, image_size=64)
+    return {f"module.{k}": v for k, v in model.backbone.state_dict().items()}
+
+
+@pytest.mark.parametrize("backbone", ["test_ijepa_tiny", "test_ijepa_target_tiny"])
+def test_ijepa_loads_the_target_encoder_by_default(tmp_path, backbone):
+    """I-JEPA evaluates its target encoder (I-JEPA paper, App. A.1); timm's filter alone would take `encoder`."""
+    path, written = ijepa_file(tmp_path / "ijepa.pth.tar")
+    loaded = _ijepa_backbone(backbone, path)
+    target, context = written["target_encoder"], written["encoder"]
+    assert set(loaded) == set(target)
+    for k, v in loaded.items():
+        assert torch.equal(v, target[k]), k
+        assert not torch.allclose(v, context[k]), k
+
+
+def test_ijepa_context_encoder_is_an_explicit_backbone(tmp_path):
+    path, written = ijepa_file(tmp_path / "ijepa.pth.tar")
+    loaded = _ijepa_backbone("test_ijepa_context_tiny", path)
+    assert set(loaded) == set(written["encoder"])
+    assert all(torch.equal(v, written["encoder"][k]) for k, v in loaded.items())
+    assert BACKBONES["ijepa_vith14"].extra[IJEPA_ENCODER] == "target_encoder"
+    assert BACKBONES["ijepa_vith14_context"].extra[IJEPA_ENCODER] == "encoder"
+
+
+def test_ijepa_file_without_the_asked_encoder(tmp_path):
+    path, written = ijepa_file(tmp_path / "context_only.pth.tar", encoders=("encoder",))
+    with pytest.raises(CheckpointError, match=r"context_only.pth.tar is an I-JEPA-style file without 'target_encoder'"):
+        _ijepa_backbone("test_ijepa_target_tiny", path)
+    # no explicit choice (a timm name, or test_ijepa_tiny): a file with only `encoder` is read as timm reads it
+    loaded = _ijepa_backbone("test_ijepa_tiny", path)
+    assert all(torch.equal(v, written["encoder"][k]) for k, v in loaded.items())
+    path, _ = ijepa_file(tmp_path / "target_only.pth.tar", encoders=("target_encoder",))
+    with pytest.raises(CheckpointError, match=r"target_only.pth.tar is an I-JEPA-style file without 'encoder'"):
+        _ijepa_backbone("test_ijepa_context_tiny", path)
+
+
+def test_ijepa_hub_weights_are_refused_for_the_target_encoder():
+    """timm's hub copy is converted by timm's filter from `encoder`: not what ijepa_vith14 reads (no download)."""
+    with pytest.raises(ValueError, match=r"timm's hub weights .* are its context encoder.*ijepa_vith14_context"):
+        build_model("ijepa_vith14", weights="timm", num_classes=5)
 
 
 def test_dinov3_file_gives_timm_logits(tmp_path, images):
@@ -282,6 +347,7 @@ def test_dinov3_trains_and_evaluates_from_the_cli(tmp_path, capsys):
     ("dinov2_vitb14", "vit_base_patch14_dinov2", {}),
     ("dinov2_vitb14_reg", "vit_base_patch14_reg4_dinov2", {}),
     ("ijepa_vith14", "vit_huge_patch14_gap_224", {}),
+    ("ijepa_vith14_context", "vit_huge_patch14_gap_224", {}),
     ("dinov3_vitb16", "vit_base_patch16_dinov3", {"global_pool": "token"})])
 def test_registered_backbones_are_timms_architectures(name, timm_name, kwargs):
     import timm
@@ -307,3 +373,26 @@ def test_backbones_command_lists_layout_pooling_and_download(capsys):
     assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth" in out
     assert "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar" in out
     assert "mean_normed" in out
+    ijepa = out[out.index("\nijepa_vith14 "):]
+    assert "encoder:    the file's 'target_encoder'" in ijepa.split("\nijepa_vith14_context")[0]
+    assert "encoder:    the file's 'encoder'" in ijepa[ijepa.index("\nijepa_vith14_context"):]
+
+
+def test_misspelled_timm_name_gets_a_did_you_mean_from_timm(tmp_path, capsys):
+    """As for gapt's registered names, the suggestion comes from timm's own model list."""
+    import timm
+    from gapt.model.preflight import ModelSettingsError, check_model_settings
+    assert "vit_tiny_patch16_224" in timm.list_models() and not timm.is_model("vit_tinyy_patch16_224")
+    hint = "unknown backbone 'vit_tinyy_patch16_224' (did you mean 'vit_tiny_patch16_224'?)"
+    with pytest.raises(ModelSettingsError, match=re.escape(hint)):
+        check_model_settings("vit_tinyy_patch16_224", None, 224, "gated", 1)
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        build_model("vit_tinyy_patch16_224", num_classes=5)
+    assert main(["train", "backbone=vit_tinyy_patch16_224", "weights=null", "data.format=shapes",
+                 "data.name=count", "device=cpu", f"out={tmp_path / 'run'}"]) == 1
+    assert hint in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # a registered name still wins (gapt's own), and a name far from everything gets no suggestion
+    with pytest.raises(ModelSettingsError, match=re.escape("'mae_vitb61' (did you mean 'mae_vitb16'?)")):
+        check_model_settings("mae_vitb61", None, 224, "gated", 1)
+    with pytest.raises(ModelSettingsError, match=r"unknown backbone 'qqqqzzzz'; registered"):
+        check_model_settings("qqqqzzzz", None, 224, "gated", 1)

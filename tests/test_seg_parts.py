@@ -16,7 +16,7 @@ from gapt.seg import (ADE20K_CLASSES, PALETTE, SETRPUPHead, SegDataError, SegDat
                       build_seg_datasets, confusion_matrix, multiscale_inference, reduce_confusion,
                       save_mask_png, save_overlay_png, seg_loss, slide_inference, slide_windows,
                       tokens_to_map, whole_inference)
-from gapt.seg.inference import scaled_size
+from gapt.seg.inference import MS_RATIOS, scaled_size
 from gapt.seg.transforms import (PhotoMetricDistortion, crop_box, hsv_to_rgb, max_class_ratio, random_crop,
                                  rescale_size, rgb_to_hsv)
 
@@ -307,23 +307,92 @@ def test_tokens_to_map():
         tokens_to_map(tokens, prefix, (h, w + 1))
 
 
-@pytest.mark.parametrize("size", [(32, 32), (64, 48), (30, 20)])
+# -- an independent transcription of MMSegmentation's ViT + SETR-PUP forward -----------------------
+def mmseg_setr_up_head(head, fmap, up_scale):
+    """mmseg SETRUPHead.forward from its source, on the tested head's parameters: LayerNorm over the
+    channels of the (B, h*w, C) tokens, then per up-conv ConvModule (conv without bias -> BN -> ReLU)
+    and Upsample(scale_factor, bilinear, align_corners=False), then cls_seg (1x1 conv; dropout 0).
+    BatchNorm uses the batch's statistics in training, the running ones in evaluation."""
+    n, c, h, w = fmap.shape
+    x = F.layer_norm(fmap.flatten(2).transpose(1, 2), (c,), head.norm.weight, head.norm.bias, head.norm.eps)
+    x = x.transpose(1, 2).reshape(n, c, h, w)
+    for block in head.up_convs:
+        conv, bn = block[0], block[1]
+        x = F.conv2d(x, conv.weight, None, padding=conv.kernel_size[0] // 2)
+        if bn.training:
+            x = F.batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        else:
+            x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+        x = F.interpolate(F.relu(x), scale_factor=up_scale, mode="bilinear", align_corners=False)
+    return F.conv2d(x, head.conv_seg.weight, head.conv_seg.bias)
+
+
+def mmseg_forward(model, img, crop_padded=False):
+    """MMSegmentation's EncoderDecoder on its ViT, transcribed: PatchEmbed(padding='corner') pads the
+    input with zeros at the bottom / right to a multiple of the patch (AdaptivePadding.get_pad_shape
+    with kernel = stride = patch: pad = ceil(h / p) * p - h), the head runs on the padded grid, and its
+    logits are resized (bilinear, align_corners=False) to the input's size (0.x encode_decode,
+    1.x predict_by_feat / loss_by_feat). Returns {"main", "aux<b>"...} (aux only in training).
+    ``crop_padded``: logits at the padded size cut back to the input instead (gapt's former rule, not
+    MMSegmentation's)."""
+    h, w = img.shape[-2:]
+    p = model.encoder.patch_size
+    pad_h, pad_w = math.ceil(h / p) * p - h, math.ceil(w / p) * p - w
+    x = F.pad(img, [0, pad_w, 0, pad_h])
+    grid = ((h + pad_h) // p, (w + pad_w) // p)
+    tokens, inter = model.encoder.forward_tokens(x, collect=model.aux_blocks if model.training else ())
+    prefix = model.encoder.num_prefix_tokens
+
+    def decode(head, t, up):
+        fmap = t[:, prefix:].transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
+        logits = mmseg_setr_up_head(head, fmap, up)
+        if crop_padded:  # to the padded size (PUP's x16 is twice this patch-8 grid), then cut
+            logits = F.interpolate(logits, size=(h + pad_h, w + pad_w), mode="bilinear", align_corners=False)
+            return logits[..., :h, :w]
+        return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    out = {"main": decode(model.decode_head, tokens, 2)}
+    for b in (model.aux_blocks if model.training else ()):
+        out[f"aux{b}"] = decode(model.aux_heads[str(b)], inter[b], 4)
+    return out
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 48), (30, 20), (17, 41)])
 def test_segmentation_model_outputs(size):
+    """Values, train and eval mode, against the transcription above: sides that are not multiples of
+    the patch (8) are padded, and the padded logits resized to the input, not cropped."""
     torch.manual_seed(0)
     model = SegmentationModel(StandInEncoder(), num_classes=5, aux_blocks=(5, 9), channels=8)
+    with torch.no_grad():  # non-trivial BatchNorm statistics and affines for the evaluation pass
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
     images = torch.randn(2, 3, *size)
     model.train()
     out = model(images)
-    assert set(out) == {"main", "aux5", "aux9"}
-    assert all(v.shape == (2, 5, *size) for v in out.values())
+    with torch.no_grad():
+        expected = mmseg_forward(model, images)
+    assert set(out) == set(expected) == {"main", "aux5", "aux9"}
+    for k in expected:
+        assert out[k].shape == (2, 5, *size)
+        torch.testing.assert_close(out[k], expected[k], rtol=1e-5, atol=1e-5)
     labels = torch.randint(0, 5, (2, *size))
     labels[:, :3] = 255
     seg_loss(out, labels).backward()
     assert model.encoder.prompts.grad is not None and model.encoder.prompts.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.aux_heads.parameters())
     model.eval()
-    logits = model(images)
-    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 5, *size)
+    with torch.no_grad():
+        logits = model(images)
+        reference = mmseg_forward(model, images)
+    assert isinstance(logits, torch.Tensor) and set(reference) == {"main"}
+    torch.testing.assert_close(logits, reference["main"], rtol=1e-5, atol=1e-5)
+    if size[0] % 8 or size[1] % 8:  # the test can tell: cropping the padded logits is another answer
+        with torch.no_grad():
+            cropped = mmseg_forward(model, images, crop_padded=True)["main"]
+        assert not torch.allclose(logits, cropped, atol=1e-3)
 
 
 def test_segmentation_model_param_groups_and_checks():
@@ -341,18 +410,33 @@ def test_seg_loss_ignores_255():
     logits = torch.randn(1, 4, 3, 3)
     labels = torch.full((1, 3, 3), 255)
     labels[0, 1, 2] = 2
-    single = F.cross_entropy(logits[:, :, 1, 2], torch.tensor([2]))
-    torch.testing.assert_close(seg_loss({"main": logits}, labels, avg_non_ignore=True), single)
-    torch.testing.assert_close(seg_loss({"main": logits}, labels), single / 9)  # mmseg: / all pixels
+    labels[0, 0, 1] = 0
+
+    def nll(x, y, i, j):  # -log softmax(x[:, :, i, j])[y], written out
+        z = x[0, :, i, j].double()
+        return float(torch.logsumexp(z, 0) - z[y])
+    main = nll(logits, 2, 1, 2) + nll(logits, 0, 0, 1)
+    torch.testing.assert_close(seg_loss({"main": logits}, labels, avg_non_ignore=True).item(), main / 2, rtol=1e-6,
+                               atol=0)
+    torch.testing.assert_close(seg_loss({"main": logits}, labels).item(), main / 9, rtol=1e-6, atol=0)  # / all pixels
+    two = torch.tensor([2, 0])
+    torch.testing.assert_close(seg_loss(logits, labels, avg_non_ignore=True),
+                               F.cross_entropy(torch.stack([logits[0, :, 1, 2], logits[0, :, 0, 1]]), two))
     other = logits.clone()
     other[:, :, 0, 0] += 5.0  # an ignored pixel does not matter
     torch.testing.assert_close(seg_loss(other, labels), seg_loss(logits, labels))
-    aux = torch.randn(1, 4, 3, 3)
-    torch.testing.assert_close(seg_loss({"main": logits, "aux5": aux}, labels),
-                               seg_loss(logits, labels) + 0.4 * seg_loss(aux, labels))
+    # auxiliary heads: 0.4 x their own loss each (SETR's loss_weight), added to the main loss
+    aux5, aux9 = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3)
+    a5, a9 = nll(aux5, 2, 1, 2) + nll(aux5, 0, 0, 1), nll(aux9, 2, 1, 2) + nll(aux9, 0, 0, 1)
+    got = seg_loss({"main": logits, "aux5": aux5, "aux9": aux9}, labels).item()
+    assert got == pytest.approx((main + 0.4 * a5 + 0.4 * a9) / 9, rel=1e-6)
+    got = seg_loss({"main": logits, "aux5": aux5}, labels, aux_weight=0.25, avg_non_ignore=True).item()
+    assert got == pytest.approx((main + 0.25 * a5) / 2, rel=1e-6)
     assert seg_loss(logits, torch.full((1, 3, 3), 255)) == 0
-    # logits smaller than the label are resized to it
+    # logits smaller than the label are resized to it (bilinear, align_corners=False) first
     small = torch.randn(1, 4, 2, 2, requires_grad=True)
+    up = F.interpolate(small.detach(), size=(3, 3), mode="bilinear", align_corners=False)
+    assert seg_loss(small, labels).item() == pytest.approx((nll(up, 2, 1, 2) + nll(up, 0, 0, 1)) / 9, rel=1e-6)
     seg_loss(small, labels).backward()
     assert small.grad is not None
 
@@ -432,6 +516,49 @@ def test_slide_equals_whole():
     assert not torch.allclose(slide_inference(context, image, 6, crop=16, stride=8), whole_inference(context, image))
 
 
+def mmcv_keep_ratio_size(h, w, scale):
+    """mmcv.rescale_size: the largest factor with long side <= max(scale), short side <= min(scale), rounded."""
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def mmseg_slide_inference(encode_decode, img, num_classes, crop, stride):
+    """EncoderDecoder.slide_inference from its source: a window grid, each window's logits padded into
+    place and summed, divided by how many windows covered each pixel."""
+    (h_crop, w_crop), (h_stride, w_stride) = crop, stride
+    b, _, h_img, w_img = img.shape
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    preds = img.new_zeros((b, num_classes, h_img, w_img))
+    count = img.new_zeros((b, 1, h_img, w_img))
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1, x1 = h_idx * h_stride, w_idx * w_stride
+            y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
+            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+            logits = encode_decode(img[:, :, y1:y2, x1:x2])
+            preds += F.pad(logits, (x1, w_img - x2, y1, h_img - y2))
+            count[:, :, y1:y2, x1:x2] += 1
+    assert (count == 0).sum() == 0
+    return preds / count
+
+
+def mmseg_aug_test(encode_decode, img, num_classes, ratios, img_scale, crop, stride, ori_shape):
+    """MultiScaleFlipAug + aug_test: per ratio a keep-ratio resize into img_scale x ratio (here of the
+    tensor), plain and flipped; slide inference, logits resized to the original shape, softmax, the
+    flipped probabilities mirrored back; the mean of all of them."""
+    h, w = img.shape[-2:]
+    total, n = 0, 0
+    for r in ratios:
+        size = mmcv_keep_ratio_size(h, w, (int(img_scale[0] * r), int(img_scale[1] * r)))
+        x = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
+        for flip in (False, True):
+            logits = mmseg_slide_inference(encode_decode, x.flip(-1) if flip else x, num_classes, crop, stride)
+            prob = F.interpolate(logits, size=ori_shape, mode="bilinear", align_corners=False).softmax(1)
+            total, n = total + (prob.flip(-1) if flip else prob), n + 1
+    return total / n
+
+
 def test_multiscale_inference():
     torch.manual_seed(0)
     image = torch.randn(1, 3, 24, 32)
@@ -441,14 +568,31 @@ def test_multiscale_inference():
     flipped = multiscale_inference(pointwise, image, 4, scales=(1.0,), flip=True, base_scale=None, mode="whole")
     torch.testing.assert_close(flipped, single)  # a per-pixel model is flip-equivariant
     ms = multiscale_inference(pointwise, image, 4, base_scale=(128, 32), crop=16, stride=11, out_size=(48, 64))
-    assert ms.shape == (1, 4, 48, 64)
-    torch.testing.assert_close(ms.sum(1), torch.ones(1, 48, 64))
-    assert scaled_size(24, 32, 0.5, (128, 32)) == (16, 21) and scaled_size(24, 32, 1.75, None) == (42, 56)
     with torch.no_grad():
-        model = SegmentationModel(StandInEncoder(), num_classes=5, channels=8).eval()
-        probs = multiscale_inference(model, torch.randn(1, 3, 40, 56), 5, scales=(0.75, 1.0), base_scale=(64, 32),
-                                     crop=32, stride=21)
+        ref = mmseg_aug_test(pointwise, image, 4, MS_RATIOS, (128, 32), (16, 16), (11, 11), (48, 64))
+    torch.testing.assert_close(ms, ref, rtol=1e-5, atol=1e-6)
+    assert scaled_size(24, 32, 0.5, (128, 32)) == (16, 21) and scaled_size(24, 32, 1.75, None) == (42, 56)
+
+    # the segmentation model (patch 8): ratio 0.5 of (64, 32) makes the 40x56 image 16x22, a window that
+    # is padded to 16x24 and whose logits are resized back to 16x22 (as MMSegmentation does)
+    torch.manual_seed(1)
+    model = SegmentationModel(StandInEncoder(), num_classes=5, channels=8).eval()
+    image = torch.randn(1, 3, 40, 56)
+    assert mmcv_keep_ratio_size(40, 56, (32, 16)) == (16, 22)
+    with torch.no_grad():
+        probs = multiscale_inference(model, image, 5, scales=(0.5, 0.75, 1.0), base_scale=(64, 32), crop=32,
+                                     stride=21)
+        ref = mmseg_aug_test(lambda x: mmseg_forward(model, x)["main"], image, 5, (0.5, 0.75, 1.0), (64, 32),
+                             (32, 32), (21, 21), (40, 56))
+        cropped = mmseg_aug_test(lambda x: mmseg_forward(model, x, crop_padded=True)["main"], image, 5,
+                                 (0.5, 0.75, 1.0), (64, 32), (32, 32), (21, 21), (40, 56))
     assert probs.shape == (1, 5, 40, 56)
+    torch.testing.assert_close(probs, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(probs, cropped, atol=1e-4)  # the 0.5 scale's window tells the two apart
+    with torch.no_grad():  # single scale: slide inference alone, against the transcription
+        logits = slide_inference(model, image, 5, crop=32, stride=21)
+        torch.testing.assert_close(logits, mmseg_slide_inference(lambda x: mmseg_forward(model, x)["main"], image, 5,
+                                                                 (32, 32), (21, 21)), rtol=1e-5, atol=1e-5)
 
 
 # -- palette ------------------------------------------------------------------------------------

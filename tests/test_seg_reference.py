@@ -1,7 +1,8 @@
 """Segmentation as MMSegmentation's SETR recipe runs it: multi-scale test inputs resized from the
 decoded original image (checked against an independent numpy transcription of MultiScaleFlipAug +
 Resize(keep_ratio) + Normalize), and the position embedding resized bilinearly (checked against
-the closed form of bilinear interpolation on a linear ramp)."""
+torch.nn.functional.interpolate and the closed form of bilinear interpolation on a linear ramp),
+MoCo v3's sin-cos table included (against a transcription of MoCo v3's formula)."""
 import warnings
 
 import numpy as np
@@ -151,6 +152,14 @@ def test_resize_pos_embed_bilinear_on_a_ramp():
     assert not torch.allclose(bicubic[0, 1:], bilinear_ramp(4, 7), atol=1e-2)
 
 
+def interpolate_grid(pos_embed, old, new, mode):
+    """torch.nn.functional.interpolate on the patch part of a (1, 1 + old^2, D) embedding, as
+    MMSegmentation's ``VisionTransformer.resize_pos_embed`` (align_corners=False), CLS row kept."""
+    grid = pos_embed[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new, new), mode=mode, align_corners=False)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1)
+
+
 def test_segmentation_loads_the_position_embedding_bilinearly(tmp_path):
     from conftest import tiny_model
     sd = {k: v.clone() for k, v in tiny_model().backbone.state_dict().items()}
@@ -161,25 +170,76 @@ def test_segmentation_loads_the_position_embedding_bilinearly(tmp_path):
     seg = build_seg_model(cfg, num_classes=3, channels=8)
     enc = seg.encoder
     assert enc.pos_embed_interpolation == "bilinear"
-    assert torch.allclose(enc.backbone.pos_embed[0, 1:], bilinear_ramp(4, 7), atol=1e-4)
+    expected = interpolate_grid(sd["pos_embed"], 4, 7, "bilinear")
+    assert torch.allclose(enc.backbone.pos_embed, expected, atol=1e-5)
+    assert torch.allclose(enc.backbone.pos_embed[0, 1:], bilinear_ramp(4, 7), atol=1e-4)  # and the closed form
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cls = build_model("test_mae_tiny", num_prompts=2, num_classes=3, weights=str(tmp_path / "mae.pth"),
                           image_size=56)
     assert cls.pos_embed_interpolation == "bicubic"
-    assert torch.allclose(cls.backbone.pos_embed, resize_pos_embed(sd["pos_embed"], (7, 7), 1, mode="bicubic"))
-    assert not torch.allclose(cls.backbone.pos_embed[0, 1:], bilinear_ramp(4, 7), atol=1e-2)
+    assert torch.allclose(cls.backbone.pos_embed, interpolate_grid(sd["pos_embed"], 4, 7, "bicubic"), atol=1e-5)
+    assert not torch.allclose(cls.backbone.pos_embed, expected, atol=1e-2)
 
     # a window smaller than the crop (3x3 patches of 7x7): the embedding is resized bilinearly too
     x = torch.randn(1, 3, 24, 24)
     tokens = enc.backbone.patch_embed(x).reshape(1, 9, -1)
     pos = enc.backbone.pos_embed
-    small = F.interpolate(pos[:, 1:].reshape(1, 7, 7, -1).permute(0, 3, 1, 2), size=(3, 3), mode="bilinear",
-                          align_corners=False).permute(0, 2, 3, 1).reshape(1, 9, -1)
-    expected = torch.cat([enc.backbone.cls_token + pos[:, :1], tokens + small], dim=1)
+    small = interpolate_grid(pos, 7, 3, "bilinear")
+    expected = torch.cat([enc.backbone.cls_token + small[:, :1], tokens + small[:, 1:]], dim=1)
     assert torch.allclose(enc.embed(x), expected, atol=1e-5)
-    timm_way = torch.cat([enc.backbone.cls_token + pos[:, :1], tokens + resize_pos_embed(pos, (3, 3), 1)[:, 1:]], 1)
+    timm_way = interpolate_grid(pos, 7, 3, "bicubic")
+    timm_way = torch.cat([enc.backbone.cls_token + timm_way[:, :1], tokens + timm_way[:, 1:]], dim=1)
     assert not torch.allclose(enc.embed(x), timm_way, atol=1e-3)
+
+
+def moco_v3_sincos(side, dim, temperature=10000.0):
+    """MoCo v3 ``vits.py`` build_2d_sincos_position_embedding, transcribed: meshgrid(grid_w, grid_h) in
+    'ij' order, omega = 1 / T^(d / (dim/4)), [sin, cos](out_w), [sin, cos](out_h), a zero CLS row."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                                    indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_w = grid_w.flatten()[:, None] * omega[None]
+    out_h = grid_h.flatten()[:, None] * omega[None]
+    pe = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), pe])[None]
+
+
+@pytest.fixture
+def moco_file(tmp_path):
+    """vit-b-300ep.pth.tar in miniature for test_moco_tiny (32 px, patch 8: MoCo's table at a 4x4 grid)."""
+    from conftest import tiny_model
+    sd = {k: v.clone() for k, v in tiny_model("test_moco_tiny").backbone.state_dict().items()}
+    sd["pos_embed"] = moco_v3_sincos(4, 32)
+    path = tmp_path / "vit-b-300ep.pth.tar"
+    torch.save({"state_dict": {f"module.base_encoder.{k}": v for k, v in sd.items()}}, path)
+    return path
+
+
+@pytest.mark.parametrize("weights", ["file", None])
+def test_segmentation_moco_table_is_interpolated_as_mmsegmentation(moco_file, weights):
+    """seg.sincos_pos_embed=interpolate (the recipe): the checkpoint's 4x4 table resized bilinearly to the
+    crop's 7x7 grid, as MMSegmentation's ViT loads any pos_embed; rebuild: MoCo's formula at 7x7.
+    Without a file, MoCo's table at its pre-training grid stands in for the checkpoint's."""
+    path = str(moco_file) if weights else "null"
+    base = ["backbone=test_moco_tiny", f"weights={path}", "num_prompts=2", "seg.crop_size=56", "device=cpu"]
+    interpolated = build_seg_model(load_config(None, base), num_classes=3, channels=8).encoder.backbone.pos_embed
+    assert torch.allclose(interpolated, interpolate_grid(moco_v3_sincos(4, 32), 4, 7, "bilinear"), atol=1e-6)
+    assert not interpolated.requires_grad  # MoCo's table stays fixed
+    rebuilt = build_seg_model(load_config(None, base + ["seg.sincos_pos_embed=rebuild"]), num_classes=3,
+                              channels=8).encoder.backbone.pos_embed
+    assert torch.allclose(rebuilt, moco_v3_sincos(7, 32), atol=1e-6) and not rebuilt.requires_grad
+    assert not torch.allclose(interpolated, rebuilt, atol=1e-2)
+
+
+def test_seg_tuned_file_without_the_sincos_key_is_a_rebuilt_table():
+    """A tuned file written before seg.sincos_pos_embed existed was trained on the rebuilt table."""
+    from gapt.seg.model import config_from_identity
+    cfg = load_config(None, ["backbone=test_moco_tiny"])
+    ident = {"backbone": "test_moco_tiny", "method": "gated", "num_prompts": 2, "crop_size": 56}
+    assert config_from_identity(cfg, ident).seg.sincos_pos_embed == "rebuild"
+    for mode in ("interpolate", "rebuild"):
+        assert config_from_identity(cfg, dict(ident, sincos_pos_embed=mode)).seg.sincos_pos_embed == mode
 
 
 def test_hub_weights_are_regridded_bilinearly(monkeypatch):

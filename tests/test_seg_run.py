@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,7 @@ def test_presets_follow_spec(name):
     assert (t.batch_size, t.lr, sg.head_lr_mult, sg.poly_power, sg.min_lr, sg.iterations) == (16, 0.001, 10, 0.9,
                                                                                                1e-4, 160000)
     assert (t.optimizer, t.momentum, t.weight_decay, cfg.data.format) == ("sgd", 0.9, 0.0, "ade20k")
+    assert sg.sincos_pos_embed == "interpolate"  # MMSegmentation's: the checkpoint's table resized bilinearly
 
 
 # -- train -> eval -> predict through the CLI ----------------------------------------------------------
@@ -290,6 +292,43 @@ def test_resume_equals_uninterrupted(ade_root, tmp_path, narrow_heads):
     assert ra["metrics"] == rb["metrics"]
     with pytest.raises(SystemExit, match="drop --config"):
         main(["seg", "train", "--resume", str(split), "train.lr=1"])
+
+
+def test_moco_sincos_table_is_recorded_and_kept(trained_run, ade_root, tmp_path, narrow_heads, capsys):
+    """results.json records seg.sincos_pos_embed (null for a backbone without a sin-cos table); eval rebuilds
+    the same table; a run whose resume file predates the key resumes on the rebuilt table it trained on."""
+    from gapt.model.backbones import sincos_pos_embed_2d
+    assert json.loads((trained_run / "results.json").read_text())["sincos_pos_embed"] is None
+    extra = {"backbone": "test_moco_tiny", "seg.iterations": 2, "seg.eval_every": 0, "seg.crop_size": 48}
+    for mode in ("interpolate", "rebuild"):
+        out = tmp_path / mode
+        assert main(["seg", "train", *overrides(ade_root, out, **extra, **{"seg.sincos_pos_embed": mode})]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["sincos_pos_embed"] == mode and res["pos_embed_interpolation"] == "bilinear"
+        capsys.readouterr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a backbone other than the trained one would warn
+            assert main(["seg", "eval", str(out), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["mIoU"] == pytest.approx(res["metrics"]["mIoU"])
+    _, model, _ = load_seg_run(str(tmp_path / "rebuild"))
+    assert torch.equal(model.encoder.backbone.pos_embed, sincos_pos_embed_2d(6, 6, 32))  # 48 px crop, patch 8
+
+    # an interrupted run from before the key: config.yaml without it, a resume file without it
+    old = tmp_path / "old"
+    assert train_seg(load_config(None, overrides(ade_root, old, **extra, **{"seg.sincos_pos_embed": "rebuild"})),
+                     stop_after=1) == {"stopped_after": 1}
+    text = (old / "config.yaml").read_text()
+    assert "sincos_pos_embed: rebuild" in text
+    (old / "config.yaml").write_text(text.replace("  sincos_pos_embed: rebuild\n", ""))
+    state = torch.load(old / "last.pt", weights_only=True)
+    del state["sincos_pos_embed"]
+    torch.save(state, old / "last.pt")
+    assert main(["seg", "train", "--resume", str(old)]) == 0
+    assert json.loads((old / "results.json").read_text())["sincos_pos_embed"] == "rebuild"
+    a, b = load_file(str(old / "tuned.safetensors")), load_file(str(tmp_path / "rebuild" / "tuned.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same training as the uninterrupted rebuild run
+    c = load_file(str(tmp_path / "interpolate" / "tuned.safetensors"))
+    assert not torch.equal(a["encoder.prompt_embeddings"], c["encoder.prompt_embeddings"])  # which the test can tell
 
 
 def test_eval_shards_count_every_image_once(trained_run, ade_root, monkeypatch):

@@ -90,8 +90,9 @@ LAYOUTS = {
     "timm": "timm state dict (.pth/.safetensors) through timm's checkpoint_filter_fn (DINOv2, I-JEPA, CLIP layouts)",
     "dinov2": "DINOv2 hub file: plain state dict with mask_token, register_tokens (reg), ls1/ls2.gamma, "
               "518-px position embedding; timm's checkpoint_filter_fn, then the strict key check",
-    "ijepa": "I-JEPA file {'encoder': module.*, 'predictor', 'target_encoder'}: the encoder, via timm's "
-             "checkpoint_filter_fn",
+    "ijepa": "I-JEPA training file {'encoder', 'predictor', 'target_encoder': module.*, 'opt', 'epoch', ...}: the "
+             "target encoder (what the I-JEPA paper evaluates), or the context encoder ('encoder', what timm reads) "
+             "for the *_context backbone; via timm's checkpoint_filter_fn",
     "google_npz": "Google ViT .npz (Transformer/encoderblock_i/...): timm's loader after a strict key check; "
                   "head/* and pre_logits/* dropped",
     "dinov3": "DINOv3 file: plain state dict with storage_tokens, mask_token, ls1/ls2.gamma, qkv.bias + "
@@ -115,7 +116,15 @@ def describe_backbones(include_tests: bool = False) -> str:
         lines.append(f"    pooling:    {spec.pooling}")
         lines.append(f"    checkpoint: {spec.checkpoint_format}: {LAYOUTS.get(spec.checkpoint_format, '')}")
         lines.append(f"    download:   {spec.download or 'n/a'}")
-        if spec.timm_name:
+        if spec.extra.get(IJEPA_ENCODER):
+            which = spec.extra[IJEPA_ENCODER]
+            lines.append(f"    encoder:    the file's '{which}'" + (
+                " (the EMA target encoder, which I-JEPA evaluates: App. A.1)" if which == "target_encoder" else
+                " (the context encoder, the one timm reads)"))
+        if spec.timm_name and spec.extra.get(IJEPA_ENCODER) == "target_encoder":
+            lines.append(f"    timm name:  {spec.timm_name} (architecture only: timm's hub copy is the context "
+                         f"encoder; weights=timm is refused, use {spec.name}_context for it)")
+        elif spec.timm_name:
             lines.append(f"    timm name:  {spec.timm_name} (weights=timm loads it from the hub when online)")
     lines.append("...or any timm ViT / Eva name, e.g. backbone=vit_base_patch14_reg4_dinov2 "
                  "weights=dinov2_vitb14_reg4_pretrain.pth (checkpoint: timm)")
@@ -134,12 +143,23 @@ register_backbone(BackboneSpec(
     "dinov2", image_size=518, timm_name="vit_base_patch14_reg4_dinov2.lvd142m",
     description="DINOv2 ViT-B/14 with 4 registers; prompts go after CLS + registers",
     download=f"dinov2_vitb14_reg4_pretrain.pth from {_DINOV2}dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"))
+# I-JEPA's training file holds two encoders (src/train.py save_checkpoint): `encoder` (the context
+# encoder, trained by the gradient) and `target_encoder` (its EMA). The paper evaluates the target
+# encoder (I-JEPA, App. A.1), so ijepa_vith14 reads it; ijepa_vith14_context reads `encoder`, the one
+# timm's checkpoint_filter_fn (and timm's hub copy) takes.
+IJEPA_ENCODER = "ijepa_encoder"   # BackboneSpec.extra key: which encoder of an I-JEPA file to load
+_IJEPA_DOWNLOAD = "IN1K-vit.h.14-300e.pth.tar from https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"
 register_backbone(BackboneSpec(
     "ijepa_vith14", dict(_vit(14, 1280, 32, 16), class_token=False, global_pool="avg"), "mean_normed", "ijepa",
     timm_name="vit_huge_patch14_gap_224.in1k_ijepa",
     description="I-JEPA ViT-H/14 (ImageNet-1k, 300 ep); no CLS token: mean of the normalised tokens; "
-                "the file's `encoder` (as timm reads it)",
-    download="IN1K-vit.h.14-300e.pth.tar from https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"))
+                "the file's `target_encoder` (the encoder I-JEPA evaluates)",
+    extra={IJEPA_ENCODER: "target_encoder"}, download=_IJEPA_DOWNLOAD))
+register_backbone(BackboneSpec(
+    "ijepa_vith14_context", dict(_vit(14, 1280, 32, 16), class_token=False, global_pool="avg"), "mean_normed",
+    "ijepa", timm_name="vit_huge_patch14_gap_224.in1k_ijepa",
+    description="I-JEPA ViT-H/14, the file's context encoder `encoder` (what timm reads; weights=timm is timm's copy)",
+    extra={IJEPA_ENCODER: "encoder"}, download=_IJEPA_DOWNLOAD))
 register_backbone(BackboneSpec(
     "dinov3_vitb16", dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, qkv_bias=False, init_values=1e-5,
                           rope_type="dinov3", rope_temperature=100, rope_rotate_half=True, use_rot_pos_emb=True,
@@ -152,13 +172,29 @@ register_backbone(BackboneSpec(
              "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (URL sent by e-mail)"))
 
 
+def suggest_backbone(name: str) -> Optional[str]:
+    """The closest registered backbone name, else the closest name in timm's own model list
+    (``timm.list_models()``, with the pretrained tag kept apart), or None: the did-you-mean of
+    an unknown backbone."""
+    import difflib
+    close = difflib.get_close_matches(name, list(BACKBONES), n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    import timm
+    arch, dot, tag = name.partition(".")
+    close = difflib.get_close_matches(arch, timm.list_models(), n=1, cutoff=0.6)
+    return close[0] + dot + tag if close and close[0] != arch else None
+
+
 def resolve_spec(backbone: str) -> BackboneSpec:
     if backbone in BACKBONES:
         return BACKBONES[backbone]
     import timm
     if timm.is_model(backbone) or timm.is_model(backbone.split(".")[0]):
         return BackboneSpec(backbone, {}, pooling="", checkpoint_format="timm", timm_name=backbone)
-    raise ValueError(f"unknown backbone '{backbone}'; valid: {sorted(BACKBONES)} or any timm ViT name "
+    close = suggest_backbone(backbone)
+    hint = f" (did you mean '{close}'?)" if close else ""
+    raise ValueError(f"unknown backbone '{backbone}'{hint}; valid: {sorted(BACKBONES)} or any timm ViT name "
                      f"(e.g. vit_base_patch16_224.mae)")
 
 
@@ -186,6 +222,10 @@ def create_vit(spec: BackboneSpec, image_size: Optional[int] = None, pretrained_
     """An un-headed timm ViT whose final ``norm`` is a LayerNorm (the pooling applies it)."""
     common = dict(num_classes=0, global_pool="token", fc_norm=False, dynamic_img_size=True,
                   drop_rate=0.0, drop_path_rate=0.0, attn_drop_rate=0.0, proj_drop_rate=0.0)
+    if pretrained_timm and spec.extra.get(IJEPA_ENCODER) == "target_encoder":
+        raise ValueError(f"backbone '{spec.name}' reads I-JEPA's target encoder, but timm's hub weights "
+                         f"({spec.timm_name}) are its context encoder (timm loads the file's 'encoder'): give the "
+                         f"I-JEPA file as weights, or use backbone={spec.name}_context with weights=timm")
     if (spec.checkpoint_format == "timm" and not spec.arch) or pretrained_timm:  # hub weights: timm's own model
         import timm
         kw = dict(common)
@@ -211,6 +251,8 @@ def create_vit(spec: BackboneSpec, image_size: Optional[int] = None, pretrained_
     if spec.sincos_pos_embed:
         gh, gw = vit.patch_embed.grid_size
         vit.pos_embed = nn.Parameter(sincos_pos_embed_2d(gh, gw, vit.embed_dim), requires_grad=False)
+    if spec.extra.get(IJEPA_ENCODER):  # read by checkpoints.filter_with_timm: which encoder of an I-JEPA file
+        vit.ijepa_encoder = spec.extra[IJEPA_ENCODER]
     return vit
 
 

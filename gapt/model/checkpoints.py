@@ -101,6 +101,7 @@ def filter_with_timm(raw: Dict, vit: torch.nn.Module, path: str = "<checkpoint>"
     fn = getattr(module, "checkpoint_filter_fn", None)
     if fn is None:
         raise CheckpointError(f"timm has no checkpoint_filter_fn for {type(vit).__name__}; cannot read {path}")
+    raw, which = select_ijepa_encoder(raw, getattr(vit, "ijepa_encoder", None), path)
     if "encoder" not in raw and not any(k in raw for k in ("model", "state_dict", "model_ema", "module")):
         raw, _ = convert_checkpoint(raw, "timm", path)  # DINO-style wrappers and backbone. prefixes
     import contextlib
@@ -114,7 +115,36 @@ def filter_with_timm(raw: Dict, vit: torch.nn.Module, path: str = "<checkpoint>"
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if printed.getvalue():
         log.debug("timm's checkpoint_filter_fn: %s", printed.getvalue().strip())
-    return _tensors_only(dict(sd), path), f"checkpoint converted by timm's {module.__name__}.checkpoint_filter_fn"
+    what = f"checkpoint converted by timm's {module.__name__}.checkpoint_filter_fn"
+    return _tensors_only(dict(sd), path), what + (f" (I-JEPA '{which}')" if which else "")
+
+
+IJEPA_ENCODERS = ("target_encoder", "encoder")
+
+
+def select_ijepa_encoder(raw: Dict, which: Optional[str], path: str = "<checkpoint>") -> Tuple[Dict, Optional[str]]:
+    """(checkpoint for timm's filter, the I-JEPA encoder chosen or None).
+
+    I-JEPA's training file (``src/train.py`` ``save_checkpoint``) is ``{'encoder', 'predictor',
+    'target_encoder', 'opt', 'scaler', 'epoch', ...}``, each network's keys prefixed ``module.``
+    (DDP). timm's ``checkpoint_filter_fn`` reads ``encoder``, the context encoder; the I-JEPA paper
+    evaluates ``target_encoder`` (App. A.1), so that is the default here: the chosen encoder is handed
+    to timm's filter under the ``encoder`` key it reads. ``which`` (a backbone's ``ijepa_encoder``)
+    asks for one explicitly, and then the file must hold it; without it, a file holding only
+    ``encoder`` is read as timm reads it.
+    """
+    if not any(isinstance(raw.get(k), dict) for k in IJEPA_ENCODERS):
+        return raw, None  # not an I-JEPA file
+    if which is not None and which not in IJEPA_ENCODERS:
+        raise CheckpointError(f"unknown I-JEPA encoder '{which}'; valid: {list(IJEPA_ENCODERS)}")
+    choice = which or ("target_encoder" if isinstance(raw.get("target_encoder"), dict) else "encoder")
+    if not isinstance(raw.get(choice), dict):
+        raise CheckpointError(f"{path} is an I-JEPA-style file without '{choice}' (keys: {sorted(raw)[:8]}); "
+                              f"the backbone reads that encoder")
+    log.info("I-JEPA file %s: loading its '%s'%s", path, choice,
+             " (the target encoder, which I-JEPA evaluates)" if choice == "target_encoder" else
+             " (the context encoder)")
+    return {"encoder": raw[choice]}, choice
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], num_prefix: int = 1,

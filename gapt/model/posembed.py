@@ -2,9 +2,10 @@
 
 Classification keeps timm's rule (bicubic, as timm resizes checkpoints and dynamic inputs).
 Segmentation follows MMSegmentation's SETR (``interpolate_mode='bilinear'``): the checkpoint's
-embedding is resized bilinearly to the crop's grid when it is loaded, and a window smaller than
-the crop (an image smaller than the crop in sliding-window inference) gets a bilinear resize of
-that embedding too.
+embedding is resized bilinearly to the crop's grid when it is loaded (MoCo v3's fixed sin-cos
+table too, unless ``seg.sincos_pos_embed=rebuild``: see ``gapt/seg/model.py``), and a window
+smaller than the crop (an image smaller than the crop in sliding-window inference) gets a bilinear
+resize of that embedding too.
 """
 from __future__ import annotations
 

@@ -6,13 +6,12 @@ or a run folder written. Each error names the config key at fault.
 """
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Optional, Tuple
 
 from ..config import ConfigError
-from .backbones import BACKBONES, BackboneSpec
+from .backbones import BACKBONES, BackboneSpec, suggest_backbone
 
 
 class ModelSettingsError(ConfigError):
@@ -31,8 +30,8 @@ def check_backbone_name(name: str) -> Optional[BackboneSpec]:
     if _timm_knows(name):
         return None
     registered = [n for n in BACKBONES if not n.startswith("test_")] or list(BACKBONES)
-    close = difflib.get_close_matches(name, list(BACKBONES), n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    close = suggest_backbone(name)  # a registered name, else one from timm.list_models()
+    hint = f" (did you mean '{close}'?)" if close else ""
     raise ModelSettingsError(f"bad value for config key 'backbone': unknown backbone '{name}'{hint}; registered: "
                              f"{', '.join(sorted(registered))}, or any timm ViT name (`gapt backbones` lists them)")
 

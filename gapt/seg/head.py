@@ -110,7 +110,8 @@ class SegmentationModel(nn.Module):
     ``encoder`` must expose ``forward_tokens(images, collect) -> (tokens, {block: tokens})``
     (blocks 1-based, outputs before any final norm), ``num_prefix_tokens``, ``patch_size`` and
     ``embed_dim``. Inputs whose sides are not multiples of the patch size are zero-padded at the
-    bottom / right and the logits cropped back. ``forward`` returns ``{"main", "aux5", ...}``
+    bottom / right (MMSegmentation's ``padding='corner'``) and the logits of the padded input resized
+    (bilinear) to the input's size, as MMSegmentation does. ``forward`` returns ``{"main", "aux5", ...}``
     logits at input resolution in train mode and the main logits alone in eval mode.
     """
 
@@ -146,31 +147,32 @@ class SegmentationModel(nn.Module):
         return groups
 
     def _decode(self, head: SETRPUPHead, tokens: torch.Tensor, grid: Tuple[int, int],
-                padded: Tuple[int, int], size: Tuple[int, int]) -> torch.Tensor:
+                size: Tuple[int, int]) -> torch.Tensor:
         prefix, n_prompts = self.encoder.num_prefix_tokens, getattr(self.encoder, "num_prompts", 0)
         if n_prompts and tokens.shape[1] == prefix - n_prompts + grid[0] * grid[1]:
             prefix -= n_prompts  # a block before vpt-at-block's insertion carries no prompts yet
         logits = head(tokens_to_map(tokens, prefix, grid))
-        if tuple(logits.shape[-2:]) != padded:
-            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
-        return logits[..., : size[0], : size[1]]
+        # MMSegmentation resizes the head's output (the padded input's size) to the input's own size
+        # (0.x EncoderDecoder.encode_decode; 1.x decode_head.predict_by_feat to img_shape), never crops
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
 
     def forward(self, images: torch.Tensor):
         h, w = images.shape[-2:]
         p = int(self.encoder.patch_size)
         ph, pw = -h % p, -w % p
-        if ph or pw:
+        if ph or pw:  # MMSegmentation's ViT: PatchEmbed(padding='corner'), zeros at the bottom / right
             images = F.pad(images, (0, pw, 0, ph))
-        padded = (h + ph, w + pw)
-        grid = (padded[0] // p, padded[1] // p)
+        grid = ((h + ph) // p, (w + pw) // p)
         collect = self.aux_blocks if self.training else ()
         tokens, inter = self.encoder.forward_tokens(images, collect=collect)
-        main = self._decode(self.decode_head, tokens, grid, padded, (h, w))
+        main = self._decode(self.decode_head, tokens, grid, (h, w))
         if not self.training:
             return main
         out = {"main": main}
         for b in self.aux_blocks:
             if b not in inter:
                 raise KeyError(f"encoder.forward_tokens did not return block {b} (got {sorted(inter)})")
-            out[f"aux{b}"] = self._decode(self.aux_heads[str(b)], inter[b], grid, padded, (h, w))
+            out[f"aux{b}"] = self._decode(self.aux_heads[str(b)], inter[b], grid, (h, w))
         return out

@@ -27,6 +27,26 @@ log = logging.getLogger("gapt")
 TUNED_FORMAT = SEG_FORMAT  # defined beside the classification format: analyses read both
 REFERENCE_DEPTH, REFERENCE_AUX_BLOCKS = 12, (5, 9)   # the paper's ViT-B choice (SPEC §6)
 SEG_POS_EMBED_INTERPOLATION = "bilinear"   # MMSegmentation SETR's interpolate_mode (classification: bicubic)
+SINCOS_MODES = ("interpolate", "rebuild")   # seg.sincos_pos_embed
+
+
+def sincos_mode(cfg: C.RunConfig) -> Optional[str]:
+    """``seg.sincos_pos_embed`` for a backbone with a fixed sin-cos position embedding (MoCo v3), else None.
+
+    ``interpolate`` (the recipe's, MMSegmentation's): the checkpoint's table (14x14 for MoCo's 224 px)
+    is resized bilinearly to the crop's grid, as MMSegmentation's ViT does with any checkpoint's
+    ``pos_embed`` (``VisionTransformer.init_weights`` -> ``resize_pos_embed``, SETR's
+    ``interpolate_mode='bilinear'``). ``rebuild``: MoCo v3's formula evaluated at the crop's grid
+    (32x32 at 512), as MoCo's own code builds the table at any size.
+    """
+    from ..model.backbones import BACKBONES
+    spec = BACKBONES.get(cfg.backbone)
+    if spec is None or not spec.sincos_pos_embed:
+        return None
+    if cfg.seg.sincos_pos_embed not in SINCOS_MODES:
+        raise C.ConfigError(f"bad value for config key 'seg.sincos_pos_embed': {cfg.seg.sincos_pos_embed!r}; "
+                            f"valid: {list(SINCOS_MODES)}")
+    return cfg.seg.sincos_pos_embed
 
 
 def aux_blocks_for_depth(depth: int) -> Tuple[int, ...]:
@@ -56,12 +76,19 @@ def build_seg_model(cfg: C.RunConfig, num_classes: int, class_names: Optional[Li
     ``channels`` of the heads: SETR's 256 (``HEAD_CHANNELS``) unless given.
     """
     from ..model import build_model
+    from ..model.backbones import resolve_spec
+    sincos = sincos_mode(cfg)
+    backbone = cfg.backbone
+    if sincos == "interpolate":  # no table of the model's own: the checkpoint's is resized to the crop's grid
+        backbone = replace(resolve_spec(cfg.backbone), sincos_pos_embed=False)
     with warnings.catch_warnings():
         if cfg.weights is None:
             warnings.simplefilter("ignore")
-        encoder = build_model(cfg.backbone, MethodSettings.of(cfg), num_classes=num_classes, weights=cfg.weights,
+        encoder = build_model(backbone, MethodSettings.of(cfg), num_classes=num_classes, weights=cfg.weights,
                               image_size=cfg.seg.crop_size, class_names=class_names, random_seed=cfg.train.seed,
                               pos_embed_interpolation=SEG_POS_EMBED_INTERPOLATION)
+    if sincos == "interpolate":
+        _fixed_sincos_table(encoder.backbone, resolve_spec(cfg.backbone), from_formula=cfg.weights is None)
     encoder.head = nn.Identity()
     encoder.backbone.norm.requires_grad_(False)  # the heads read tokens before the final norm (method full)
     encoder.grad_checkpointing = cfg.train.grad_checkpointing
@@ -69,6 +96,21 @@ def build_seg_model(cfg: C.RunConfig, num_classes: int, class_names: Optional[Li
     model = SegmentationModel(encoder, num_classes, aux_blocks=blocks, channels=channels or HEAD_CHANNELS)
     model.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
     return model
+
+
+def _fixed_sincos_table(vit: nn.Module, spec, from_formula: bool) -> None:
+    """MoCo v3's table stays fixed (not trained, as in MoCo). Without a checkpoint (a random
+    backbone), the table a checkpoint holds (MoCo's formula at its pre-training grid, 14x14) is
+    resized bilinearly as a checkpoint's would be."""
+    if from_formula:
+        from ..model.backbones import sincos_pos_embed_2d
+        from ..model.checkpoints import resize_pos_embed
+        side = spec.image_size // int(spec.arch["patch_size"])
+        table = sincos_pos_embed_2d(side, side, vit.embed_dim)
+        with torch.no_grad():
+            vit.pos_embed.copy_(resize_pos_embed(table, tuple(vit.patch_embed.grid_size), 1,
+                                                 mode=SEG_POS_EMBED_INTERPOLATION))
+    vit.pos_embed.requires_grad_(False)
 
 
 def seg_tuned_state(model: SegmentationModel) -> Dict[str, torch.Tensor]:
@@ -103,6 +145,7 @@ def backbone_checksum(model: SegmentationModel) -> str:
 def seg_identity(cfg: C.RunConfig, model: SegmentationModel) -> Dict:
     enc = model.encoder
     return {"backbone": enc.backbone_name, **enc.settings.as_dict(), "crop_size": cfg.seg.crop_size,
+            "sincos_pos_embed": sincos_mode(cfg),
             "num_classes": model.num_classes, "class_names": model.class_names, "aux_blocks": list(model.aux_blocks),
             "channels": model.decode_head.conv_seg.in_channels, "depth": enc.depth, "embed_dim": enc.embed_dim}
 
@@ -136,7 +179,10 @@ def read_seg_tuned(path) -> Tuple[Dict, Dict[str, torch.Tensor]]:
 def config_from_identity(cfg: C.RunConfig, ident: Dict) -> C.RunConfig:
     held = MethodSettings.of(ident, num_prompts=ident["num_prompts"] or cfg.num_prompts).as_dict()
     held.pop("prompt_init")  # how training started, not part of the model
-    return replace(cfg, backbone=ident["backbone"], seg=replace(cfg.seg, crop_size=ident["crop_size"]), **held)
+    # a file written before seg.sincos_pos_embed existed was trained on the rebuilt table
+    sincos = ident.get("sincos_pos_embed", "rebuild") or cfg.seg.sincos_pos_embed
+    return replace(cfg, backbone=ident["backbone"], seg=replace(cfg.seg, crop_size=ident["crop_size"],
+                                                                sincos_pos_embed=sincos), **held)
 
 
 def load_seg_model(tuned_path, cfg: Optional[C.RunConfig] = None, weights: Optional[str] = "__file__"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Dict, Optional
 
 import torch
@@ -38,7 +39,7 @@ from ..engine.progress import Progress
 from ..engine.run import Run, check_model_config, in_process_group, seed_everything
 from .evaluate import evaluate_seg, write_eval_file
 from .head import SegmentationModel, seg_loss
-from .model import build_seg_model, save_seg_tuned, seg_tuned_state, set_seg_tuned_state
+from .model import build_seg_model, save_seg_tuned, seg_tuned_state, set_seg_tuned_state, sincos_mode
 from .recipe import (HEAD_CHANNELS, check_seg_config, data_info, eval_pipeline, seg_dataset, seg_task_name,
                      train_pipeline)
 
@@ -120,6 +121,15 @@ def train_seg(cfg: C.RunConfig, resume: bool = False, multi_scale: bool = False,
                                                            log_every, save_every, stop_after))
 
 
+def _resumed_sincos(run: Run, cfg: C.RunConfig) -> C.RunConfig:
+    """A resumed run keeps the sin-cos table it trained on: a resume file from before
+    ``seg.sincos_pos_embed`` existed was trained on the rebuilt one (its config.yaml lacks the key)."""
+    if not run.resume or sincos_mode(cfg) is None:
+        return cfg
+    saved = torch.load(run.resume_path, map_location="cpu", weights_only=True).get("sincos_pos_embed", "rebuild")
+    return replace(cfg, seg=replace(cfg.seg, sincos_pos_embed=saved))
+
+
 def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every: Optional[int],
                stop_after: Optional[int]) -> Dict:
     cfg, device, dtype, out, t, world = run.cfg, run.device, run.dtype, run.out, run.cfg.train, run.world
@@ -127,6 +137,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
     train_set = seg_dataset(cfg, "train", train_pipeline(cfg.seg.crop_size), t.seed)
     val_set = seg_dataset(cfg, "val", eval_pipeline(cfg.seg.crop_size), t.seed)
     info = data_info(cfg, train_set, val_set)
+    cfg = _resumed_sincos(run, cfg)
     seed_everything(t.seed)
     model = build_seg_model(cfg, train_set.num_classes, train_set.class_names, channels=HEAD_CHANNELS)
     model = run.sync_batchnorm(model.to(device))
@@ -162,7 +173,7 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
     def save_resume() -> None:
         run.save_state({"iteration": iteration, "tuned": seg_tuned_state(model), "optimizer": optimizer.state_dict(),
                         "pending": dict(pending), "train_time_s": train_time, "log_every": log_every,
-                        "save_every": save_every})
+                        "save_every": save_every, "sincos_pos_embed": sincos_mode(cfg)})
 
     def run_eval(desc: str, multi: bool = False):
         model.eval()
@@ -238,7 +249,8 @@ def _train_seg(run: Run, multi_scale: bool, log_every: Optional[int], save_every
     results = run.base_results(enc, seg_task_name(cfg), True, result_metrics, info,
                                sum(p.numel() for p in model.parameters() if p.requires_grad), train_time)
     results.update({"encoder_tuned_params": enc.num_tuned(), "aux_blocks": list(model.aux_blocks),
-                    "crop_size": cfg.seg.crop_size, "iterations": sg.iterations, "head_lr_mult": sg.head_lr_mult})
+                    "crop_size": cfg.seg.crop_size, "iterations": sg.iterations, "head_lr_mult": sg.head_lr_mult,
+                    "sincos_pos_embed": sincos_mode(cfg)})
 
     def write_files() -> None:
         save_seg_tuned(out / rf.TUNED, cfg, model, extra={"data": info, "iteration": iteration})
