@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import argparse
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -32,21 +33,37 @@ NAME = "frozen_cache"
 def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optional[Clock] = None,
         backbone: str = "mae_vitb16", insert_at_block: Union[int, Sequence[int], None] = None,
         num_prompts: int = 10, num_images: Optional[int] = None, batch: Optional[int] = None,
-        image_size: Optional[int] = None, repeats: Optional[int] = None, **_) -> List[Result]:
+        image_size: Optional[int] = None, repeats: Optional[int] = None, bf16: Optional[bool] = None,
+        **_) -> List[Result]:
     """One line per insertion block: k = 7 (``frozen_cache``), and in the full run also k = 4 and
     10 (``frozen_cache_k4``, ``frozen_cache_k10``): the target moves with k faster than the cache's
-    ideal does, so one k alone would say little."""
+    ideal does, so one k alone would say little. ``bf16``: autocast to bfloat16 (default: on CUDA only)."""
     ks = insert_at_block if insert_at_block is not None else ((7,) if quick else (7, 4, 10))
     ks = [ks] if isinstance(ks, int) else list(ks)
     device = device or resolve_device()
     clock = clock or Clock("cpu", device)
-    return [run_one(k, i == 0, quick, device, clock, backbone, num_prompts, num_images, batch, image_size, repeats)
-            for i, k in enumerate(ks)]
+    return [run_one(k, i == 0, quick, device, clock, backbone, num_prompts, num_images, batch, image_size, repeats,
+                    bf16) for i, k in enumerate(ks)]
+
+
+def check_cache(model, images: torch.Tensor, cached: torch.Tensor, device: torch.device,
+                amp: Optional[torch.dtype], rtol: float = 1e-3) -> float:
+    """The largest |logit difference| between ``forward_from_frozen(cached)`` and the full forward of
+    ``images``; AssertionError past ``rtol`` x max(1, max |logit|). Both sides run under the same
+    precision as the cache was built (``amp``: bf16 autocast, or None for fp32): comparing a bf16 cache
+    with an fp32 forward would measure bf16's rounding (8 mantissa bits, ~4e-3 relative), not the cache."""
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        full = model(images.to(device)).float()
+        diff = (model.forward_from_frozen(cached.to(device)).float() - full).abs().max().item()
+    if not diff <= rtol * max(1.0, full.abs().max().item()):
+        raise AssertionError(f"forward_from_frozen differs from forward by {diff:.3g}"
+                             f" (both forwards under {'bf16 autocast' if amp else 'fp32'})")
+    return diff
 
 
 def run_one(k: int, main_line: bool, quick: bool, device: torch.device, clock: Clock, backbone: str,
             num_prompts: int, num_images: Optional[int], batch: Optional[int], image_size: Optional[int],
-            repeats: Optional[int]) -> Result:
+            repeats: Optional[int], bf16: Optional[bool] = None) -> Result:
     from gapt.engine.schedule import LRSchedule
     from gapt.engine.trainer import evaluate, precompute_frozen, train_one_epoch
 
@@ -61,7 +78,7 @@ def run_one(k: int, main_line: bool, quick: bool, device: torch.device, clock: C
     images = torch.randn(num_images, 3, model.image_size, model.image_size, generator=g)
     labels = torch.randint(0, 10, (num_images,), generator=g)
     data = TensorDataset(images, labels)
-    amp = torch.bfloat16 if cuda else None
+    amp = torch.bfloat16 if (cuda if bf16 is None else bf16) else None
 
     model.eval()
     cached = {}
@@ -71,12 +88,8 @@ def run_one(k: int, main_line: bool, quick: bool, device: torch.device, clock: C
             cached["data"] = precompute_frozen(model, data, batch, device, amp, "cache frozen blocks")
     build_s = clock.time(build_cache)
     prefixes = cached["data"]
-    with torch.no_grad():  # the cache must give the same logits as the full forward
-        x0 = images[:batch].to(device)
-        full = model(x0).float()
-        diff = (model.forward_from_frozen(prefixes.tensors[0][:batch].to(device)).float() - full).abs().max().item()
-    if not diff <= 1e-3 * max(1.0, full.abs().max().item()):
-        raise AssertionError(f"forward_from_frozen differs from forward by {diff:.3g}")
+    # the cache must give the same logits as the full forward, both at the precision the epochs run at
+    diff = check_cache(model, images[:batch], prefixes.tensors[0][:batch], device, amp)
 
     full_loader = DataLoader(data, batch_size=batch, shuffle=False)
     cached_loader = DataLoader(prefixes, batch_size=batch, shuffle=False)
@@ -102,14 +115,14 @@ def run_one(k: int, main_line: bool, quick: bool, device: torch.device, clock: C
 
     target = L / (L - k + 1) * 0.8
     ideal = t.baseline_s / max(t.baseline_s - build_s, 1e-12)
-    precision = "bf16 autocast" if cuda else "fp32"
+    precision = "bf16 autocast" if amp is not None else "fp32"
     detail = (f"engine train_one_epoch from cached block-{k - 1} outputs vs all {L} blocks, vpt-at-block k={k}, "
               f"{vit_name(model)}, {num_prompts} prompts, {num_images} images, batch {batch}, {precision}, "
               f"{clock.describe()}: {t.baseline_s:.2f}s -> {t.candidate_s:.2f}s per epoch, {t.spread()}; "
               f"ideal (skip exactly the frozen blocks' forward) {ideal:.2f}x; val epochs {v.ratio:.2f}x; "
               f"cache build {build_s:.2f}s = {build_s / max(t.baseline_s, 1e-12):.2f} epochs")
     return Result(NAME if main_line else f"{NAME}_k{k}", t.ratio, detail, target,
-                  extra={"timing": t, "val": v, "ideal": ideal, "build_s": build_s})
+                  extra={"timing": t, "val": v, "ideal": ideal, "build_s": build_s, "logit_diff": diff})
 
 
 def _args(p):
@@ -119,6 +132,8 @@ def _args(p):
     p.add_argument("--num-images", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA only)")
 
 
 if __name__ == "__main__":

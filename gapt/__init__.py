@@ -11,5 +11,5 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The API is imported on first use (torch and timm load then, not at `import gapt`).
 __all__ = ["__version__", "build_model", "load_model", "selection_ratio", "PromptedViT", "register_backbone",
-           "BACKBONES", "CheckpointError"]
+           "BACKBONES", "CheckpointError", "merge", "save_merged", "load_merged"]
 __getattr__, __dir__ = lazy_exports(__name__, {name: ".model" for name in __all__[1:]})

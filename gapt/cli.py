@@ -106,7 +106,8 @@ def cmd_backbones(args) -> int:
 
 def cmd_report(args) -> int:
     from .report.tables import write_report
-    rep = write_report(args.runs, args.out, include_trials=args.include_trials and not args.only_final)
+    rep = write_report(args.runs, args.out, include_trials=args.include_trials and not args.only_final,
+                       select=args.select)
     print(rep.markdown())
     print(f"\nwrote {args.out}/report.md and {args.out}/report.csv", file=sys.stderr)
     return 0
@@ -191,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="reports", help="folder for report.md and report.csv (default: reports)")
     r.add_argument("--only-final", action="store_true", help="leave out sweep trials (the default)")
     r.add_argument("--include-trials", action="store_true",
-                   help="also report sweep trials (data.final=false), each in rows of their own settings")
+                   help="also report sweep trials (runs in a sweep's trials/ folder), each in rows of their own "
+                        "settings")
+    r.add_argument("--select", choices=("last", "best-val"), default="last",
+                   help="which epoch's test top-1 is ours: last (default; the paper's protocol, SPEC §6) or "
+                        "best-val (the best held-out val epoch; runs without held-out val show their last); "
+                        "the paper columns always compare with the last epoch")
     r.set_defaults(func=cmd_report)
 
     k = sub.add_parser("keys", help="list every config key with its default and what it means")
@@ -214,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 # (tests/test_cli_help.py checks that neither torch nor timm gets imported). Errors a command
 # defines for user mistakes go in USER_ERRORS below, by module and name.
 COMMAND_MODULES: List[str] = ["gapt.analysis.commands", "gapt.seg.commands", "gapt.sweep.commands",
-                              "gapt.paper.commands"]
+                              "gapt.paper.commands", "gapt.engine.export_commands", "gapt.sweep.e2vpt_commands"]
 
 
 # Errors that are the user's to fix: printed in one line, no traceback. Those defined in heavy

@@ -15,7 +15,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .method import GATE_TYPES, METHODS, POOLINGS, PROMPT_INITS, MethodSettings
+from .method import (GATE_TYPES, METHODS, POOLINGS, PROMPT_INITS, PROMPT_METHODS, MethodSettings, SettingError,
+                     canonical_lora_targets, method_components)
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,9 @@ class TrainConfig:
     max_steps_per_epoch: int = 0    # 0 = whole epoch; >0 caps an epoch (smoke runs)
     eval_test_every_epoch: bool = False  # the reference protocol (costly); off by default
     logger: str = "auto"              # auto (tensorboard if installed, else none) | tensorboard | wandb | none
+    clip_grad_value: float = 0.0    # > 0: clamp every gradient element to [-v, v] before the step (DA-VPT: 10)
+    head_weight_decay: float = -1.0  # the head's weight decay; < 0 = train.weight_decay (DA-VPT's wd_head)
+    head_bias_decay: bool = True    # false: no weight decay on the head's bias (timm's 1-D rule, DA-VPT)
 
 
 @dataclass
@@ -92,7 +96,7 @@ class RunConfig(MethodSettings):
 
 # Allowed values for string keys that take one of a fixed set; checked in validate().
 CHOICES = {
-    "method": list(METHODS),
+    "method": list(METHODS),        # each name of a '+' composition (validate checks the composition)
     "prompt_init": list(PROMPT_INITS),
     "gate_type": list(GATE_TYPES),
     "pooling": ["", *POOLINGS],
@@ -113,14 +117,23 @@ KEY_HELP = {
     "backbone": "registered backbone name (see `gapt backbones`) or any timm ViT name",
     "weights": "backbone checkpoint file (MAE, MoCo v3, DINO, timm .pth/.safetensors), 'timm' for hub "
                "weights, or null for a random backbone",
-    "method": "linear (head only) | full (fine-tune all) | vpt-shallow | vpt-deep | vpt-at-block | gated (GaPT)",
+    "method": "linear (head only) | full (fine-tune all) | vpt-shallow | vpt-deep | vpt-at-block | gated (GaPT) | "
+              "lora | adaptformer | bitfit | ssf | vfpt (Fourier prompts) | e2vpt (key-value + masked prompts) | da-vpt | "
+              "davpt-bias; parts compose with '+': gated+lora, vpt-deep+ssf; da-vpt+ = da-vpt+davpt-bias (DA-VPT+)",
     "num_prompts": "prompt tokens (prompt methods only)",
-    "gate_init": "gates start at sigmoid(-gate_init): 10 means 4.5e-5, i.e. prompts start as plain VPT-shallow",
+    "gate_init": "gates start at sigmoid(-gate_init): 10 means 4.5e-5, i.e. the blocks barely touch the prompts, "
+                 "which pass through almost as inserted (a gate of 1 would be plain VPT-shallow)",
+    "lora_targets": "lora: qkv (one A, B on timm's fused q/k/v projection, as peft) | q,v (separate q and v "
+                    "updates; also written qv)",
     "learn_temperature": "also learn one attention temperature per block (AAS), clamped to [0.01, 10]",
     "insert_at_block": "vpt-at-block: prompts enter at this block (1-based); other methods need 1",
+    "prompt_init": "random (VPT's uniform) | prototype (k-means centres of patch tokens: the SPT paper's variant) | "
+                   "spt (SPT's code: single patch tokens of training images) | vipamin (matching + orthogonal)",
     "prompt_dropout": "dropout on the prompt tokens, in [0, 1)",
     "pooling": "'' = the backbone's rule; mean (all tokens but CLS, prompts included; MAE) | cls | "
-               "img (patch tokens only) | prompt (prompt tokens only)",
+               "img (patch tokens only) | prompt (prompt tokens only) | mean_normed (normalised, then the mean) | "
+               "mean_fc_norm (mean, then a LayerNorm without affine: the VPT codebase's fresh MAE fc_norm, as "
+               "VFPT's and E2VPT's code read MAE out)",
     "image_size": "input side in pixels; must be a multiple of the backbone's patch size",
     "data.val_split": "val split name ('' = the format's default)",
     "data.test_split": "test split name ('' = the format's default)",
@@ -335,15 +348,26 @@ def get_key(cfg: RunConfig, key: str) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     for key, allowed in CHOICES.items():
+        if key == "method":
+            continue  # a composition such as gated+lora: checked name by name below
         v = get_key(cfg, key)
         if v not in allowed:
             raise ConfigError(f"bad value for config key '{key}': {v!r}; choose one of {allowed}")
+    try:
+        names = method_components(cfg.method)
+    except ValueError as e:
+        raise ConfigError(f"bad value for config key 'method': {cfg.method!r}: {e}") from None
+    cfg.method = "+".join(names)  # one spelling per composition: lora+gated -> gated+lora
     positive = ["num_prompts", "image_size", "train.epochs", "train.batch_size"]
+    has_prompts = any(n in PROMPT_METHODS for n in names)
     for key in positive:
-        if get_key(cfg, key) <= 0 and not (key == "num_prompts" and cfg.method in ("linear", "full")):
+        if get_key(cfg, key) <= 0 and not (key == "num_prompts" and (not has_prompts or "da-vpt" in names
+                                                                    and get_key(cfg, key) == 0)):
             raise ConfigError(f"bad value for config key '{key}': {get_key(cfg, key)} (must be > 0)")
     if cfg.train.lr <= 0:
         raise ConfigError(f"bad value for config key 'train.lr': {cfg.train.lr} (must be > 0)")
+    if cfg.train.clip_grad_value < 0:
+        raise ConfigError(f"bad value for config key 'train.clip_grad_value': {cfg.train.clip_grad_value} (must be >= 0)")
     if cfg.train.weight_decay < 0:
         raise ConfigError(f"bad value for config key 'train.weight_decay': {cfg.train.weight_decay} (must be >= 0)")
     w = cfg.train.warmup_epochs
@@ -354,12 +378,21 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"bad value for config key 'prompt_dropout': {cfg.prompt_dropout} (must be in [0, 1))")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"bad value for config key 'data.val_fraction': {cfg.data.val_fraction} (must be in (0, 1))")
-    if cfg.gate_type == "hard" and cfg.method != "gated":
+    if cfg.gate_type == "hard" and "gated" not in names:
         raise ConfigError(f"config key 'gate_type': 'hard' needs method=gated (got method={cfg.method!r})")
     if not cfg.gate_temperature > 0:
         raise ConfigError(f"bad value for config key 'gate_temperature': {cfg.gate_temperature} (must be > 0)")
     if cfg.insert_at_block < 1:
         raise ConfigError(f"bad value for config key 'insert_at_block': {cfg.insert_at_block} (blocks count from 1)")
+    if cfg.learn_temperature and not has_prompts:
+        raise ConfigError(f"config key 'learn_temperature': true needs a prompt part ({', '.join(PROMPT_METHODS)}); "
+                          f"got method={cfg.method!r}")
+    try:
+        cfg.check_parts()
+        if "lora" in names:
+            cfg.lora_targets = canonical_lora_targets(cfg.lora_targets)
+    except SettingError as e:
+        raise ConfigError(f"bad value for config key '{e.key}': {e}") from None
 
 
 def warmup_epochs(train: TrainConfig) -> int:

@@ -9,6 +9,20 @@ final runs set data.final=true, which trains on the reference's final split (FGV
 VTAB-1k train800val200). VPT-shallow / VPT-deep baselines (``<benchmark>/<backbone>/vpt-*/<task>.yaml``)
 use the paper's prompt counts and are marked as needing the lr sweep: the paper prints no
 settings for them. The table below is data; tests/test_presets.py keeps its own copy of SPEC §8.
+
+PEFT baselines (``<benchmark>/<backbone>/{lora,adaptformer,bitfit,ssf}/<task>.yaml``) carry each one's recipe as
+its official / VTAB code runs it (SPEC §12.6, ``PEFT_RECIPES`` below): AdamW for LoRA, AdaptFormer and SSF, SGD
+for BitFit (the VPT codebase's ``tinytl-bias``); those without a fixed lr in the literature are marked as needing
+the lr sweep.
+
+DA-VPT+ and DA-VPT (``<benchmark>/<backbone>/{da-vpt-plus,da-vpt}/<task>.yaml``): the authors' per-task configs,
+transcribed in scripts/davpt_presets.py (SPEC §12.5(d)).
+
+SPT and VIPAMIN (``<benchmark>/<backbone>/{spt-shallow,spt-deep,vipamin,vipamin-deep}/<task>.yaml``): their
+recipes, in scripts/init_presets.py (SPEC §12.1(d), §12.2(d)).
+
+VFPT and E2VPT (``<benchmark>/<backbone>/{vfpt,e2vpt}/<task>.yaml``): their recipes, in scripts/vfpt_e2vpt_presets.py
+(SPEC §12.3(d), §12.4(d)).
 """
 from pathlib import Path
 
@@ -53,6 +67,7 @@ TABLE5 = {
 }
 # The paper's prompt counts for the baselines on FGVC (SPEC §6): 100 (shallow), 10 per block (deep).
 FGVC_BASELINE_PROMPTS = {"vpt-shallow": 100, "vpt-deep": 10}
+HEAD_AND_FULL = ("linear", "full")  # the VPT codebase's linear probe and full fine-tuning: SGD, lr searched on val
 SEG_BASELINE_PROMPTS = {"vpt-shallow": 100, "vpt-deep": 10}  # deep per block: gapt's choice (paper: not given)
 
 
@@ -86,6 +101,43 @@ def baseline(method: str, prompts: int, per_block: bool) -> str:
             f"#   gapt sweep --config <this file> weights=... data.root=...   (SPEC §6's lr grid on val)\n"
             f"method: {method}\nlearn_temperature: false\nnum_prompts: {count}\n"
             f"prompt_dropout: 0.1\nimage_size: 224\n")
+
+
+# SPEC §12.6: method -> (optimizer, lr, weight decay, batch (fgvc, vtab), the method's own keys, where the recipe
+# comes from, the lr is fixed by that recipe on VTAB-1k (else: marked as needing the sweep)).
+PEFT_RECIPES = {
+    "lora": ("adamw", 1e-3, 1e-4, (64, 64), "lora_rank: 8\nlora_alpha: 8             # scale alpha / r = 1 (peft's default)\n"
+             "lora_targets: qkv         # one A, B on timm's fused qkv, as peft (SPEC §12.6's recommendation)\n",
+             "NOAH's VTAB LoRA: AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs, 10 warm-up", True),
+    "adaptformer": ("adamw", 1e-3, 1e-4, (64, 64), "adapter_dim: 64           # AdaptFormer's ffn_num\n"
+                    "adapter_scale: 0.1        # AdaptFormer's ffn_adapter_scalar\nadapter_dropout: 0.1\n",
+                    "AdaptFormer (parallel, no input LayerNorm, lora init) with the VTAB re-implementations' AdamW "
+                    "lr 1e-3, wd 1e-4, batch 64, 100 epochs, 10 warm-up", True),
+    "ssf": ("adamw", 1e-3, 5e-5, (64, 64), "",
+            "SSF's VTAB scripts: AdamW, batch 32 x 2 GPUs, 100 epochs, 10 warm-up; lr per task in [1e-3, 5e-2], "
+            "wd in {5e-5, 5e-2} (no decay on gamma / beta)", False),
+    "bitfit": ("sgd", 0.1, 0.0, (64, 128), "",
+               "the VPT codebase's tinytl-bias: SGD momentum 0.9, lr and wd searched on val", False),
+}
+
+
+def peft(backbone: str, method: str, benchmark: str, weights: str, data: str, task: str) -> str:
+    opt, lr, wd, batches, keys, source, fixed = PEFT_RECIPES[method]
+    batch = batches[0] if benchmark == "fgvc" else batches[1]
+    fixed = fixed and benchmark == "vtab"  # no FGVC recipe exists for these baselines
+    sweep = "" if fixed else (f"# NEEDS THE LR SWEEP: {method}'s recipe fixes no lr here; run\n"
+                              f"#   gapt sweep --config <this file> weights=... data.root=...\n")
+    note = "the recipe's" if fixed else "placeholder: searched by gapt sweep"
+    train = train_block(batch, lr, note).replace("optimizer: sgd", f"optimizer: {opt}")
+    if wd:
+        train = train.replace("weight_decay: 0.0", f"weight_decay: {wd:g}")
+    if opt != "sgd":
+        train = train.replace("  momentum: 0.9\n", "")
+    return (f"# {'FGVC' if benchmark == 'fgvc' else 'VTAB-1k'} {task} with {backbone}, the {method} baseline (SPEC §12.6):\n"
+            f"# {source}.\n"
+            f"# gapt keeps the backbone frozen in eval mode (no drop-path) and fp32, as for every method here.\n"
+            f"backbone: {backbone}\nweights: {weights}\n{sweep}method: {method}\n{keys}image_size: 224\n"
+            + data + train + f"out: runs/{benchmark}/{task}-{backbone}-{method}\n")
 
 
 def data_block(fmt: str, name: str, root: str) -> str:
@@ -125,7 +177,9 @@ def seg_preset(backbone: str, weights: str, method: str, prompts: int) -> str:
             f"  head_lr_mult: 10.0      # SETR-PUP decode + auxiliary heads at 0.01\n"
             f"  poly_power: 0.9\n  min_lr: 0.0001          # poly decay floor, reached at the last iteration\n"
             f"  crop_size: 512          # training crop, sliding-window size (stride 341) and position-embedding grid\n"
-            f"out: runs/ade20k/{backbone}-{method}\n")
+            + ("  sincos_pos_embed: interpolate  # MoCo's 14x14 table resized bilinearly to 32x32, as MMSegmentation "
+               "(rebuild: MoCo's formula at 32x32)\n" if backbone.startswith("mocov3") else "")
+            + f"out: runs/ade20k/{backbone}-{method}\n")
 
 
 def main():
@@ -144,6 +198,13 @@ def main():
                       + head + baseline(method, n, method == "vpt-deep") + data
                       + train_block(64, 0.1, "placeholder: searched by gapt sweep")
                       + f"out: runs/fgvc/{name}-{backbone}-{method}\n")
+            for method in HEAD_AND_FULL:
+                write(ROOT / "fgvc" / backbone / method / f"{name}.yaml",
+                      f"# FGVC {name} with {backbone}, {method} baseline.\n" + head + baseline(method, 0, False)
+                      + data + train_block(64, 0.1, "placeholder: searched by gapt sweep")
+                      + f"out: runs/fgvc/{name}-{backbone}-{method}\n")
+            for method in PEFT_RECIPES:
+                write(ROOT / "fgvc" / backbone / method / f"{name}.yaml", peft(backbone, method, "fgvc", weights, data, name))
         for task in VTAB:
             batch, prompts, lr, gate_init = TABLE5[task][backbone]
             head = f"backbone: {backbone}\nweights: {weights}\n"
@@ -159,9 +220,24 @@ def main():
                       + head + baseline(method, prompts, method == "vpt-deep") + data
                       + train_block(128, 0.1, "placeholder: searched by gapt sweep")
                       + f"out: runs/vtab/{task}-{backbone}-{method}\n")
+            for method in HEAD_AND_FULL:
+                write(ROOT / "vtab" / backbone / method / f"{task}.yaml",
+                      f"# VTAB-1k {task} with {backbone}, {method} baseline.\n" + head + baseline(method, 0, False)
+                      + data + train_block(128, 0.1, "placeholder: searched by gapt sweep")
+                      + f"out: runs/vtab/{task}-{backbone}-{method}\n")
+            for method in PEFT_RECIPES:
+                write(ROOT / "vtab" / backbone / method / f"{task}.yaml", peft(backbone, method, "vtab", weights, data, task))
         write(ROOT / "ade20k" / f"{backbone}.yaml", seg_preset(backbone, weights, "gated", TABLE5["ade20k"][backbone][1]))
         for method, n in SEG_BASELINE_PROMPTS.items():
             write(ROOT / "ade20k" / f"{backbone}-{method}.yaml", seg_preset(backbone, weights, method, n))
+    import sys  # DA-VPT(+) presets: the authors' per-task configs (scripts/davpt_presets.py, SPEC §12.5(d))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import davpt_presets
+    davpt_presets.write_all(ROOT, BACKBONES, list(FGVC), VTAB, data_block, FGVC, write)
+    import init_presets  # SPT and VIPAMIN presets (scripts/init_presets.py, SPEC §12.1(d), §12.2(d))
+    init_presets.write_all(ROOT, BACKBONES, FGVC, VTAB, data_block, write)
+    import vfpt_e2vpt_presets  # VFPT and E2VPT presets (scripts/vfpt_e2vpt_presets.py, SPEC §12.3(d), §12.4(d))
+    vfpt_e2vpt_presets.write_all(ROOT, BACKBONES, FGVC, VTAB, data_block, write)
 
 
 if __name__ == "__main__":

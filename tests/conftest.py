@@ -24,8 +24,10 @@ def tiny_model(backbone="test_mae_tiny", seed=0, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(backbone, **kw)
-    with torch.no_grad():  # random, non-degenerate LayerNorm affines and biases
+    with torch.no_grad():  # random, non-degenerate LayerNorm affines and biases (of the backbone, not its parts)
         for n, p in model.backbone.named_parameters():
+            if any(part in n for part in (".adaptmlp.", ".lora_", ".ssf_")):
+                continue
             if n.endswith("bias") or "cls_token" in n:
                 p.normal_(0, 0.2)
             elif "norm" in n and n.endswith("weight"):

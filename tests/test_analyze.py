@@ -229,13 +229,40 @@ def test_attention_rows_per_model_frozen_first(runs, image_file, tmp_path):
 
 # -- insertion sweep and the frozen-block cache------------------------------------------------
 @pytest.mark.parametrize("learn_temperature", [False, True])
-def test_cached_frozen_blocks_logits_equal_uncached(learn_temperature, images):
+def test_training_from_the_frozen_cache_matches_training_from_images(learn_temperature, images):
+    """What tests/test_model.py's logit check does not cover: *training* from the cache, as the insertion sweep
+    does. For every k: the cache is timm's own blocks 1..k-1 run on the embedded images (none without
+    frozen blocks: temperatures make every block trainable) and carries no gradient; one train-mode step
+    from it (prompt dropout drawn from the same seed) gives the loss and the gradient of every tuned tensor
+    that the full forward from the images gives."""
+    labels = torch.tensor([0, 1, 2])
     for k in range(1, DEPTH + 1):
-        model = tiny_model(method="vpt-at-block", insert_at_block=k, learn_temperature=learn_temperature)
-        assert model.frozen_leading_blocks == (0 if learn_temperature else k - 1)
+        model = tiny_model(method="vpt-at-block", insert_at_block=k, learn_temperature=learn_temperature,
+                           prompt_dropout=0.5)
+        frozen = 0 if learn_temperature else k - 1
+        assert model.frozen_leading_blocks == frozen
+        vit = model.backbone
         with torch.no_grad():
-            torch.testing.assert_close(model.forward_from_frozen(model.frozen_features(images)), model(images),
-                                       atol=1e-5, rtol=1e-5)
+            cache = model.frozen_features(images)
+            reference = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+            for block in vit.blocks[:frozen]:
+                reference = block(reference)
+        torch.testing.assert_close(cache, reference, atol=1e-6, rtol=1e-6)
+        steps = []
+        for forward, inputs in ((model, images), (model.forward_from_frozen, cache)):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(11)
+            loss = torch.nn.functional.cross_entropy(forward(inputs), labels)
+            loss.backward()
+            steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.tuned_parameters().items()}))
+            assert not cache.requires_grad and cache.grad is None
+        (loss_full, grads_full), (loss_cached, grads_cached) = steps
+        torch.testing.assert_close(loss_cached, loss_full, atol=1e-6, rtol=1e-6)
+        assert set(grads_full) == set(grads_cached) and "prompt_embeddings" in "".join(grads_full)
+        assert all(float(g.abs().sum()) > 0 for n, g in grads_full.items() if "prompt" in n)
+        for name in grads_full:
+            torch.testing.assert_close(grads_cached[name], grads_full[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_insertion_sweep(tmp_path, capsys):

@@ -179,6 +179,27 @@ def test_load_model_rebuilds_from_file(tmp_path, images):
     assert torch.equal(again(images), model(images))
 
 
+def test_tuned_file_written_before_the_method_parts_still_loads(tmp_path, images):
+    """Files from before the PEFT keys existed (no lora_* / adapter_* in the metadata) load as they did."""
+    import json
+    from safetensors import safe_open
+    sd = encoder_state()
+    torch.save({"model": sd}, tmp_path / "mae.pth")
+    model = build_model("test_mae_tiny", method="gated", num_prompts=2, num_classes=3, weights=str(tmp_path / "mae.pth"),
+                        learn_temperature=True)
+    model.eval().save_tuned(str(tmp_path / "t.safetensors"))
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = {k: v for k, v in json.loads(meta["config"]).items() if not k.startswith(("lora_", "adapter_"))}
+    save_file(tensors, str(tmp_path / "old.safetensors"), {**meta, "config": json.dumps(config)})
+    again = load_model(str(tmp_path / "old.safetensors"), weights=str(tmp_path / "mae.pth"))
+    assert torch.equal(again(images), model(images))
+    lora = tiny_model(method="lora", lora_rank=2)
+    lora.save_tuned(str(tmp_path / "lora.safetensors"))
+    with pytest.raises(CheckpointError, match="differs in: lora_rank"):
+        tiny_model(method="lora", lora_rank=4).load_tuned(str(tmp_path / "lora.safetensors"))
+
+
 def test_tuned_file_mismatch_errors(tmp_path):
     tiny_model(method="gated", num_prompts=3).save_tuned(str(tmp_path / "g3.safetensors"))
     with pytest.raises(CheckpointError) as e:

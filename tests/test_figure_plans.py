@@ -16,7 +16,7 @@ def _result(backbone, method, task, value, lt=False, prompts=100, benchmark="fgv
 
 def test_figure_plans_are_registered_and_their_presets_exist():
     from gapt.paper.plans import PLANS, PRESETS
-    for name in ("fig1", "fig2", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9"):
+    for name in ("fig1", "fig2", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "fig10", "fig11"):
         plan = PLANS[name]()
         assert plan.name == name and plan.render is not None
         for s in plan.specs:

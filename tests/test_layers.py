@@ -55,7 +55,7 @@ def import_cycles(package: str = "gapt") -> list:
     """Strongly connected components of more than one module in ``package``'s import graph
     (grimp, import-linter's own graph builder; imports inside functions count)."""
     import grimp
-    graph = grimp.build_graph(package)
+    graph = grimp.build_graph(package, cache_dir=None)
     index, low, on_stack, stack, cycles = {}, {}, set(), [], []
 
     def visit(v):  # Tarjan

@@ -99,3 +99,27 @@ def test_vtab_and_ade20k_baseline_presets():
         for method in ("vpt-shallow", "vpt-deep"):
             cfg = load_config(str(PRESETS / "ade20k" / f"{backbone}-{method}.yaml"))
             assert cfg.method == method and cfg.train.lr == 0.001 and cfg.data.format == "ade20k"
+
+
+# SPEC §12.6, typed again: method -> optimizer, weight decay, keys; lr fixed on VTAB-1k by the recipe (None: swept)
+PEFT = {"lora": ("adamw", 1e-4, {"lora_rank": 8, "lora_alpha": 8.0, "lora_targets": "qkv"}, 1e-3),
+        "adaptformer": ("adamw", 1e-4, {"adapter_dim": 64, "adapter_scale": 0.1}, 1e-3),
+        "ssf": ("adamw", 5e-5, {}, None),
+        "bitfit": ("sgd", 0.0, {}, None)}
+
+
+@pytest.mark.parametrize("method", list(PEFT))
+def test_peft_baseline_presets_carry_each_recipe(method):
+    optimizer, wd, keys, vtab_lr = PEFT[method]
+    files = sorted(PRESETS.glob(f"*/*/{method}/*.yaml"))
+    assert len(files) == 2 * (5 + 19)  # both backbones, every FGVC dataset and VTAB-1k task
+    for f in files:
+        cfg = load_config(str(f))
+        benchmark = f.parent.parent.parent.name
+        assert cfg.method == method and cfg.train.optimizer == optimizer and cfg.train.weight_decay == wd
+        assert all(getattr(cfg, k) == v for k, v in keys.items()) and not cfg.learn_temperature
+        assert cfg.data.name == f.stem and cfg.train.epochs == 100 and warmup_epochs(cfg.train) == 10
+        swept = benchmark == "fgvc" or vtab_lr is None
+        assert ("NEEDS THE LR SWEEP" in f.read_text()) == swept
+        if not swept:
+            assert cfg.train.lr == vtab_lr and cfg.train.batch_size == 64

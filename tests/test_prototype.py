@@ -161,6 +161,7 @@ def test_trainer_runs_prototype_init(tmp_path):
     assert results["prompt_init"] == "prototype"
     assert method_key(results["method"], results["learn_temperature"], results["prompt_init"]) == "vpt-deep+prototype"
 
-    bad = load_config(None, SMALL_RUN + ["method=linear", "prompt_init=prototype", f"out={tmp_path / 'lin'}"])
-    with pytest.raises(ValueError, match="linear"):
-        train(bad)
+    from gapt.config import ConfigError
+    with pytest.raises(ConfigError, match="'prompt_init'.*linear"):  # refused with the config, before any work
+        load_config(None, SMALL_RUN + ["method=linear", "prompt_init=prototype", f"out={tmp_path / 'lin'}"])
+    assert not (tmp_path / "lin").exists()

@@ -59,7 +59,10 @@ def write_run(root, name, *, backbone="mae_vitb16", method="gated", temp=True, b
 
 
 def top1(x):
-    return {"val_top1_best": x + 1, "best_epoch": 3, "test_top1": x, "test_top1_last": x - 1}
+    """A run whose last epoch scored ``x`` (what reports show by default, the paper's protocol) and whose
+    best-val epoch (3 of more) scored ``x + 0.5``."""
+    return {"val_top1_best": x + 1, "best_epoch": 3, "test_top1": x + 0.5, "test_top1_best_val": x + 0.5,
+            "test_top1_last": x, "selection": "best-val"}
 
 
 def test_paper_numbers_match_spec():
@@ -91,6 +94,8 @@ def test_method_key_rule():
     assert method_key("gated", True, "prototype") == "gated+temperature+prototype"
     assert method_key("linear", False, "random") == "linear"
     assert method_key("vpt-at-block", False, "random", insert_at_block=6) == "vpt@6"
+    assert method_key("vpt-shallow", False, "spt") == "vpt-shallow+spt"  # SPT and VIPAMIN are rows of their own
+    assert method_key("vpt-deep", False, "vipamin") == "vpt-deep+vipamin"
 
 
 @pytest.fixture
@@ -104,8 +109,8 @@ def runs_dir(tmp_path):
     write_run(root, "fgvc/cars-s2", task="cars", seed=2, metrics=top1(62.0))
     write_run(root, "fgvc/dogs", task="dogs", seed=1, metrics=top1(78.0))
     write_run(root, "fgvc/nabirds", task="nabirds", seed=1, metrics=top1(65.0))
-    # a sweep trial (not final) for cub
-    write_run(root, "sweep/cub/trial-0", task="cub", seed=42, final=False, metrics=top1(50.0))
+    # a sweep trial (not final) for cub: in the sweep's trials/ folder
+    write_run(root, "sweep/cub/trials/lr0.5", task="cub", seed=42, final=False, metrics=top1(50.0))
     # FGVC, MoCo v3 vpt-deep: nabirds missing
     for t, x in zip(["cub", "flowers", "cars", "dogs"], [80.0, 90.0, 75.0, 82.0]):
         write_run(root, f"moco-deep/{t}", backbone="mocov3_vitb16", method="vpt-deep", temp=False,
@@ -415,7 +420,7 @@ def test_cli_report_with_no_runs_fails_and_keeps_the_old_report(tmp_path, capsys
     empty.mkdir()
     assert main(["report", str(empty), "--out", str(out)]) == 1
     assert "no runs" in capsys.readouterr().err and (out / "report.md").read_text() == "old"
-    write_run(empty, "trial", final=False, metrics=top1(50.0))
+    write_run(empty, "sweep/trials/lr0.5", final=False, metrics=top1(50.0))
     assert main(["report", str(empty), "--out", str(out)]) == 1
     assert "--include-trials" in capsys.readouterr().err and (out / "report.md").read_text() == "old"
     assert main(["report", str(empty), "--out", str(out), "--include-trials"]) == 0
@@ -428,3 +433,125 @@ def test_duplicate_seed_hint_names_the_flag(tmp_path):
     write_run(root, "b", seed=1, metrics=top1(52.0))
     rep = build_report(collect_runs(root))
     assert any("--only-final" in n and "only_final" not in n.replace("--only-final", "") for n in rep.notes)
+
+
+# -- which epoch (issue 25): last by default, best-val on request, the paper always beside the last ------
+def test_select_last_by_default_best_val_on_request_and_paper_columns_at_the_last_epoch(tmp_path):
+    root = tmp_path / "runs"
+    # FGVC finals (val held out): last epoch 60 + i, best-val epoch 65 + i
+    for i, task in enumerate(FGVC):
+        write_run(root, f"fgvc/{task}", task=task, seed=42,
+                  metrics={"val_top1_best": 80.0, "best_epoch": 7, "test_top1": 65.0 + i, "test_top1_best_val": 65.0 + i,
+                           "test_top1_last": 60.0 + i, "selection": "best-val", "selected_epoch": 7})
+    last = rep_last = build_report(collect_runs(root))
+    cub = last.task("fgvc", "mae_vitb16", "gated+temperature", "cub")
+    assert (cub["mean"], cub["mean_last_epoch"], cub["select"]) == (60.0, 60.0, "last")
+    assert cub["diff"] == pytest.approx(60.0 - 70.56)
+    mean = last.summary("fgvc", "mae_vitb16", "gated+temperature", "mean")
+    assert mean["mean"] == pytest.approx(62.0) and mean["diff"] == pytest.approx(62.0 - 73.39)
+    md = rep_last.markdown()
+    assert "test top-1 of the last epoch" in md and "ours (last epoch)" in md and "best-val epoch)" not in md
+
+    bv = build_report(collect_runs(root), select="best-val")
+    cub = bv.task("fgvc", "mae_vitb16", "gated+temperature", "cub")
+    assert (cub["mean"], cub["mean_last_epoch"], cub["select"]) == (65.0, 60.0, "best-val")
+    assert cub["diff"] == pytest.approx(60.0 - 70.56)  # the paper is compared with the last epoch only
+    mean = bv.summary("fgvc", "mae_vitb16", "gated+temperature", "mean")
+    assert mean["mean"] == pytest.approx(67.0) and mean["mean_last_epoch"] == pytest.approx(62.0)
+    assert mean["diff"] == pytest.approx(62.0 - 73.39)
+    md = bv.markdown()
+    header = next(l for l in md.splitlines() if l.startswith("| backbone | method | task"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[3] == "ours (best-val epoch)" and cols[-3:] == ["ours (last epoch)", "paper",
+                                                               "diff (last epoch − paper)"]
+    line = next(l for l in md.splitlines() if l.startswith("| mae_vitb16 | gated+temperature | cub"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert (cells[3], cells[-3], cells[-2], cells[-1]) == ("65.00", "60.00", "70.56", f"{60.0 - 70.56:+.2f}")
+    rows = list(csv.DictReader(io.StringIO(bv.csv())))
+    cub_csv = next(r for r in rows if r["section"] == "task" and r["name"] == "cub")
+    assert (float(cub_csv["mean"]), float(cub_csv["mean_last_epoch"]), cub_csv["select"]) == (65.0, 60.0, "best-val")
+    with pytest.raises(ValueError, match="best-val"):
+        build_report(collect_runs(root), select="best")
+
+
+def test_runs_without_held_out_val_never_report_a_best_val_epoch(tmp_path):
+    root = tmp_path / "runs"
+    # a VTAB final run written before issue 25: test_top1 was chosen by val on training images
+    d = write_run(root, "vtab/dtd", benchmark="vtab", task="dtd", seed=42,
+                  metrics={"val_top1_best": 99.0, "best_epoch": 2, "test_top1": 55.0, "test_top1_last": 50.0})
+    res = json.loads((d / "results.json").read_text())
+    res["val_held_out"] = False
+    (d / "results.json").write_text(json.dumps(res))
+    # and one written now (selection "last", no best-val keys)
+    write_run(root, "vtab/eurosat", benchmark="vtab", task="eurosat", seed=42,
+              metrics={"test_top1": 70.0, "test_top1_last": 70.0, "selection": "last", "selected_epoch": 100})
+    for select in ("last", "best-val"):
+        rep = build_report(collect_runs(root), select=select)
+        assert rep.task("vtab", "mae_vitb16", "gated+temperature", "dtd")["mean"] == 50.0, select
+        assert rep.task("vtab", "mae_vitb16", "gated+temperature", "eurosat")["mean"] == 70.0, select
+
+
+def test_older_results_without_the_last_epoch_are_named_not_mixed(tmp_path):
+    root = tmp_path / "runs"
+    a = write_run(root, "a", task="cub", seed=1, metrics={"val_top1_best": 80.0, "best_epoch": 7, "test_top1": 66.0})
+    b = write_run(root, "b", task="flowers", seed=1, metrics={"val_top1_best": 80.0, "best_epoch": 100,
+                                                              "test_top1": 77.0})
+    for d in (a, b):  # b's best epoch was the last: its test_top1 is the last epoch's
+        res = json.loads((d / "results.json").read_text())
+        res["epochs"] = 100
+        (d / "results.json").write_text(json.dumps(res))
+    rep = build_report(collect_runs(root))
+    assert rep.task("fgvc", "mae_vitb16", "gated+temperature", "cub")["mean"] is None
+    assert rep.task("fgvc", "mae_vitb16", "gated+temperature", "flowers")["mean"] == 77.0
+    assert any("1 run(s) record no test top-1 for the last epoch" in n and str(root / "a") in n for n in rep.notes)
+    bv = build_report(collect_runs(root), select="best-val")
+    assert bv.task("fgvc", "mae_vitb16", "gated+temperature", "cub")["mean"] == 66.0 and not bv.notes
+
+
+def test_plain_runs_are_reported_only_sweep_trials_left_out(tmp_path, capsys):
+    """`gapt report RUN1 RUN2` on two plain runs (data.final=false, the default) reports them."""
+    from gapt.cli import main
+    root = tmp_path / "runs"
+    a = write_run(root, "run1", seed=1, final=False, metrics=top1(60.0))
+    b = write_run(root, "run2", seed=2, final=False, metrics=top1(62.0))
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
+    assert "no runs" not in capsys.readouterr().err
+    rep = build_report(collect_runs([a, b]))
+    cub = rep.task("fgvc", "mae_vitb16", "gated+temperature", "cub")
+    assert (cub["mean"], cub["n_seeds"], cub["final"]) == (61.0, 2, "no") and rep.trials_left_out == 0
+    assert "data.final=false" in cub["settings"] and "trial" not in cub["settings"]
+    # a sweep's trials/ folder holds trials: left out, and never pooled with plain runs of the same settings
+    write_run(root, "sweep/trials/lr0.1", seed=3, final=False, metrics=top1(10.0))
+    rep = build_report(collect_runs(root))
+    assert rep.trials_left_out == 1 and rep.task("fgvc", "mae_vitb16", "gated+temperature", "cub")["mean"] == 61.0
+    rows = build_report(collect_runs(root), include_trials=True).tasks("fgvc", "mae_vitb16", "gated+temperature", "cub")
+    assert sorted((r["mean"], r["n_seeds"]) for r in rows if r["n_seeds"]) == [(10.0, 1), (61.0, 2)]
+    assert any("trial" in r["settings"].split() for r in rows if r["mean"] == 10.0)
+
+
+def test_table8_vpt_deep_on_vit_l_is_two_prompts_per_block(tmp_path):
+    root = tmp_path / "runs"
+    settings_run(root, "l-deep2", backbone="mae_vitl16", method="vpt-deep", temp=False, num_prompts=2,
+                 metrics=top1(70.0))
+    settings_run(root, "l-deep4", backbone="mae_vitl16", method="vpt-deep", temp=False, num_prompts=4,
+                 task="flowers", metrics=top1(60.0))
+    settings_run(root, "s-deep4", backbone="mocov3_vits16", method="vpt-deep", temp=False, num_prompts=4,
+                 metrics=top1(72.0))
+    rep = build_report(collect_runs(root))
+    deep_l = rep.task("fgvc", "mae_vitl16", "vpt-deep", "cub")
+    assert (deep_l["paper"], deep_l["paper_table"]) == (70.54, "table8")  # 24 blocks x 2 = 48 prompts
+    assert rep.task("fgvc", "mae_vitl16", "vpt-deep", "flowers", num_prompts=4)["paper"] is None  # 96: not Table 8
+    assert rep.task("fgvc", "mocov3_vits16", "vpt-deep", "cub")["paper"] == 73.18  # 12 blocks x 4 = 48
+
+
+def test_runs_of_one_part_with_other_part_settings_are_not_pooled():
+    """Two LoRA ranks (or Fourier fractions) are two rows; their settings cell names the part's key."""
+    from gapt.report.collect import run_settings, settings_text
+    base = {"backbone": "mae_vitb16", "method": "lora", "learn_temperature": False, "prompt_init": "random",
+            "benchmark": "vtab", "task": "dtd", "seed": 42, "final": True, "lr": 0.001,
+            "lora_alpha": 8.0, "lora_targets": "qkv", "fourier_fraction": 1.0}
+    r8, r4 = run_settings({**base, "lora_rank": 8}), run_settings({**base, "lora_rank": 4})
+    assert r8 != r4
+    assert "lora_rank=8" in settings_text(r8) and "fourier_fraction" not in settings_text(r8)  # not a vfpt run
+    vfpt = run_settings({**base, "method": "vfpt", "lora_rank": 8})
+    assert ("fourier_fraction", 1.0) in vfpt and not any(k == "lora_rank" for k, _ in vfpt)

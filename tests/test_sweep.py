@@ -317,3 +317,87 @@ def test_a_misspelled_backbone_stops_the_sweep_before_any_trial(tmp_path, capsys
     assert main(["sweep", *tiny(out, "backbone=test_mae_tinny"), "train.lr=0.1,0.5", "--workers", "0"]) == 1
     assert "did you mean 'test_mae_tiny'" in capsys.readouterr().err
     assert not out.exists()
+
+
+# -- FGVC: the final at the chosen trial's seed is that trial (issue 25) -------------------------
+def fgvc_args(out, root):
+    return ["data.format=fgvc", "data.name=cub", f"data.root={root}", "data.cache=none", "backbone=test_mae_tiny",
+            "weights=null", "image_size=32", "num_prompts=2", "train.epochs=2", "train.warmup_epochs=1",
+            "train.batch_size=6", "data.num_workers=0", "device=cpu", f"out={out}"]
+
+
+def test_fgvc_final_at_the_trial_seed_reuses_the_chosen_trial(tmp_path, monkeypatch):
+    import shutil
+    from gapt.config import load_config
+    from gapt.report.tables import build_report, collect_runs
+    from test_engine import metrics_without_timing
+    from test_reproduce import make_fgvc
+    root = tmp_path / "CUB_200_2011"
+    make_fgvc(root, "images")
+    out = tmp_path / "sw"
+    args = (None, fgvc_args(out, root) + ["train.lr=0.05,0.5"])
+    counting = CountingTrain(REAL_TRAIN)
+    monkeypatch.setattr(trainer, "train", counting)
+    state = S.run_sweep(*args, seeds=2, workers=0)
+    chosen = state["choice"]["name"]
+    assert chosen == best_trial(out, ["lr0.05", "lr0.5"])
+    # FGVC finals train on train.json and select on val.json, as trials do: seed 42 is the chosen trial itself
+    assert counting.calls == [("lr0.05", False), ("lr0.5", False), ("seed43", False)]
+    f42, f43 = state["finals"]
+    assert (f42["status"], f42["reused_from"], f43["status"]) == ("done", f"trials/{chosen}", "done")
+    assert "reused_from" not in f43
+    assert json.loads((out / "sweep.json").read_text())["finals"][0]["reused_from"] == f"trials/{chosen}"
+    trial, final = results(out / "trials" / chosen), results(out / "final" / "seed42")
+    assert (trial["final"], final["final"], final["reused_from"]) == (False, True, f"trials/{chosen}")
+    assert final["metrics"] == trial["metrics"] and final["seed"] == trial["seed"] == 42
+    assert (out / "final/seed42/metrics.jsonl").read_text() == (out / "trials" / chosen / "metrics.jsonl").read_text()
+    cfg = load_config(str(out / "final" / "seed42" / "config.yaml"), saved=True)
+    assert cfg.data.final is True and cfg.out == str(out / "final" / "seed42") and cfg.train.seed == 42
+    # it really is the same run: the final trained from scratch gives the trial's numbers, epoch by epoch
+    lr = trial["lr"]
+    fresh = REAL_TRAIN(load_config(None, fgvc_args(tmp_path / "fresh", root) + [f"train.lr={lr}", "data.final=true"]))
+    assert fresh["final"] is True and fresh["metrics"] == trial["metrics"]
+    assert metrics_without_timing(tmp_path / "fresh") == metrics_without_timing(out / "final" / "seed42")
+    # gapt report: two final seeds, the reused one among them; trials left out
+    rep = build_report(collect_runs(out))
+    from gapt.report.collect import run_method_key
+    row = rep.task("fgvc", "test_mae_tiny", run_method_key(final), "cub")
+    assert (row["n_seeds"], row["seeds"], row["final"], rep.trials_left_out) == (2, "42 43", "yes", 2)
+    # a restart trains nothing and still says where seed 42 comes from
+    counting.calls.clear()
+    again = S.run_sweep(*args, seeds=2, workers=0)
+    assert counting.calls == [] and again["finals"][0]["reused_from"] == f"trials/{chosen}"
+    # a copy killed half-way (a temporary folder, a final folder with only the sweep's trial.yaml) is made again
+    shutil.rmtree(out / "final" / "seed42")
+    (out / "final" / ".seed42.reusing").mkdir()
+    (out / "final" / ".seed42.reusing" / "results.json").write_text("{}")
+    (out / "final" / "seed42").mkdir()
+    shutil.copy(out / "final" / "seed43" / "trial.yaml", out / "final" / "seed42" / "trial.yaml")
+    (out / "final" / "seed42" / "trial.yaml").write_text(
+        (out / "final" / "seed42" / "trial.yaml").read_text().replace("seed: 43", "seed: 42").replace("seed43", "seed42"))
+    third = S.run_sweep(*args, seeds=2, workers=0)
+    assert counting.calls == [] and third["finals"][0]["reused_from"] == f"trials/{chosen}"
+    assert results(out / "final" / "seed42")["metrics"] == trial["metrics"]
+    assert not (out / "final" / ".seed42.reusing").exists()
+
+
+def test_finals_on_other_data_than_the_trials_are_trained(tmp_path):
+    """VTAB-1k's final split (train800val200) is not a trial's (train800): no final is reused there; nor is a
+    final of another seed, or one whose trial folder holds other settings."""
+    from gapt.config import load_config
+    from gapt.sweep.jobs import Job
+    from gapt.sweep.reuse import why_not_reusable
+    import dataclasses
+
+    def job(kind, name, *over):
+        cfg = load_config(None, TINY + [f"out={tmp_path / name}", *over])
+        return Job(kind, name, tmp_path / name, {}, cfg=cfg)
+    trial = job("trial", "t", "data.format=vtab", "data.name=dtd", "data.root=/x")
+    final = job("final", "f", "data.format=vtab", "data.name=dtd", "data.root=/x", "data.final=true")
+    assert "final split" in why_not_reusable(final, trial)
+    trial = job("trial", "t", "data.format=fgvc", "data.name=cub", "data.root=/x")
+    final = job("final", "f", "data.format=fgvc", "data.name=cub", "data.root=/x", "data.final=true",
+                "train.seed=43")
+    assert "train.seed" in why_not_reusable(final, trial)
+    final.cfg = dataclasses.replace(final.cfg, train=dataclasses.replace(final.cfg.train, seed=42))
+    assert "not finished" in why_not_reusable(final, trial)

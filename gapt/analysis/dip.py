@@ -23,7 +23,9 @@ log = logging.getLogger("gapt")
 TARGET = "gapt.analysis.dip:run_reconstruct_job"  # what a job folder runs
 JOB_FILE, STATE_FILE, RECON_PNG, ORIGINAL_PNG = "job.json", "state.pt", "recon.png", "original.png"
 DEFAULTS = dict(steps=2000, lr=0.01, image_size=224, scales=5, channels=128, skip_channels=4, input_channels=32,
-                input_scale=0.1, reg_noise_std=1.0 / 30, seed=0, save_every=100, log_every=200)
+                input_scale=0.1, reg_noise_std=1.0 / 30, seed=0, save_every=100, log_every=200, render="train")
+# render: the BatchNorm mode of the forward that draws the scored image; "train" (batch statistics) is what
+# DIP's notebooks do, "eval" (running averages) is kept for comparison with folders made before.
 
 
 # -- the generator (DIP "skip" network) ----------------------------------------------------------
@@ -181,13 +183,21 @@ def run_reconstruct_job(folder: PathLike, resume: bool = True, stop_after_step: 
                                   "z": z.cpu(), "step": step, "losses": losses}, state_path)
         if stop_after_step is not None and step >= stop_after_step and step < steps:
             return {"step": step, "losses": losses}
-    net.eval()
+    # Rendered as DIP's own code renders its result: the generator stays in training mode (BatchNorm
+    # normalises with the statistics of this one image, never the running averages), fed the fixed
+    # input z without the perturbation (inpainting.ipynb / feature_inversion.ipynb: `net(net_input)`
+    # after `optimize`; DIP never calls net.eval()). The running averages this forward updates are
+    # not used by anything.
+    if spec.get("render", "train") not in ("train", "eval"):
+        raise ValueError(f"{folder}: render must be 'train' or 'eval', got {spec['render']!r}")
+    net.train(spec.get("render", "train") == "train")
     with torch.no_grad():
         recon = _to_u8(net(z))
     Image.fromarray(recon).save(folder / RECON_PNG)
     scores = image_scores(np.asarray(Image.open(folder / RECON_PNG).convert("RGB")), original)
     result = {"image": spec["image"], "backbone": spec["backbone"], "label": spec.get("label", spec["backbone"]),
               "weights": spec.get("weights"), "block": block, "steps": steps, **scores,
+              "render": spec.get("render", "train"),
               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
               "loss_curve": losses[:: max(1, len(losses) // 100)], "recon": RECON_PNG, "original": ORIGINAL_PNG,
               "time_s": round(time.time() - start, 2)}

@@ -7,8 +7,10 @@ normalisation every gapt backbone uses). A DIP "skip" generator f_theta (5 scale
 channels, 4-channel skips, BatchNorm + LeakyReLU 0.2, bilinear upsampling, sigmoid output) is fed
 a fixed noise z (32 channels, uniform in [0, 0.1]) plus fresh noise of std 1/30 each step and
 trained with Adam (lr 0.01) to minimise the mean squared error between the block-l tokens of
-normalise(f_theta(z)) and of x0. Scores: PSNR (data range 1) and SSIM (Gaussian window 11,
-sigma 1.5), from torchmetrics, of the saved 8-bit reconstruction against the saved 8-bit x0.
+normalise(f_theta(z)) and of x0. The scored image is f_theta(z) drawn as DIP's own code draws it: the
+generator in training mode (BatchNorm on the image's own statistics), the fixed z without noise.
+Scores: PSNR (data range 1) and SSIM (Gaussian window 11, sigma 1.5), from torchmetrics, of the saved
+8-bit reconstruction against the saved 8-bit x0.
 
 Every image x block x backbone is one job folder (``job.json``, ``state.pt`` every
 ``save_every`` steps, then ``recon.png`` and ``results.json``) submitted to the sweep executors
@@ -17,7 +19,8 @@ last state (same noise stream, so a resumed job ends where an uninterrupted one 
 The driver then writes ``reconstruct.json`` / ``reconstruct.md`` (PSNR and SSIM per image, block and
 backbone, and the means per block), ``reconstruct_metrics.png`` (mean PSNR and SSIM per block, one
 line per backbone: Fig. 9) and per image ``grid_<image>.png`` (a row for the original, then one per
-backbone; a column per block: Figs. 2, 10, 11).
+backbone; a column per block: Figs. 2, 10, 11). ``gapt reproduce fig2 | fig9 | fig10 | fig11`` plan
+these jobs on the paper's backbones and images (:func:`plan_fig2`).
 """
 from __future__ import annotations
 
@@ -236,46 +239,148 @@ def plot_grid(rows: Sequence[Dict[str, Any]], out_png: PathLike) -> Path:
     fig.suptitle(f"{Path(rows[0]['image']).name}: DIP reconstruction from each block (PSNR / SSIM)", fontsize=9)
     return save_png(fig, out_png)
 
-# -- `gapt reproduce fig2` / `fig9` --------------------------------------------------------------
+# -- `gapt reproduce fig2` / `fig9` / `fig10` / `fig11` ----------------------------------------------
 FIG_BACKBONES = ("sup_vitb16", "mocov3_vitb16", "mae_vitb16")  # the paper's row order
+# SPEC §8: Figs. 2, 10, 11 are DIP grids of CUB and Flowers images, Fig. 9 the PSNR / SSIM of 100. Which
+# images the paper drew is not said; gapt's rule, the same for every figure: the dataset folder's images
+# (every image file under it) sorted by path, then a fixed slice of that list.
+#   name: (title, [(task, first, count)] or None for fig9's evenly spread 100 CUB images)
+FIG_IMAGES = {
+    "fig2": ("Fig. 2: DIP reconstruction from each block", [("cub", 0, 2), ("flowers", 0, 2)]),
+    "fig9": ("Fig. 9: PSNR and SSIM of 100 DIP reconstructions per block", None),
+    "fig10": ("Fig. 10: DIP reconstruction from each block, more CUB images", [("cub", 2, 4)]),
+    "fig11": ("Fig. 11: DIP reconstruction from each block, more Flowers images", [("flowers", 2, 4)]),
+}
+FIG9_IMAGES = 100
 
 def plan_fig2(name: str = "fig2"):
     """No training: DIP reconstructions from every block of the supervised, MoCo v3 and MAE ViT-B/16 (rows in
-    that order). fig2: the first 2 images (sorted) of CUB and of Flowers; fig9: 100 CUB images spread evenly
-    over the sorted list, for the mean PSNR / SSIM per block. Run by :func:`execute_reconstruct`."""
+    that order). Images (sorted by path): fig2 the first 2 of CUB and of Flowers; fig10 the next 4 of CUB
+    (3rd to 6th), fig11 the next 4 of Flowers; fig9 100 CUB images spread evenly over the sorted list, for the
+    mean PSNR / SSIM per block. Run by :func:`execute_reconstruct`; ``--dry-run`` by :func:`dry_run_reconstruct`."""
     from ..paper.plans import Plan
-    plan = Plan(name, "Fig. 2: DIP reconstruction from each block" if name == "fig2" else
-                "Fig. 9: PSNR and SSIM of 100 DIP reconstructions per block", [], render=render_reconstruct,
+    plan = Plan(name, FIG_IMAGES[name][0], [], render=render_reconstruct,
                 notes=["SPEC §10's DIP settings (2000 Adam steps per image and block)"])
     plan.execute = execute_reconstruct
+    plan.dry_run = dry_run_reconstruct
+    plan.backbones = list(FIG_BACKBONES)  # --weights BACKBONE=FILE for each (--backbone keeps one row)
     return plan
 
 def plan_fig9():
     return plan_fig2("fig9")
 
-def plan_images(name: str, data_root: PathLike) -> List[Path]:
+def plan_fig10():
+    return plan_fig2("fig10")
+
+def plan_fig11():
+    return plan_fig2("fig11")
+
+def _dataset_images(data_root: PathLike, task: str) -> List[Path]:
     from ..data import IMAGE_EXTENSIONS
     from ..paper.plans import FGVC_FOLDERS
+    folder = Path(data_root) / FGVC_FOLDERS[task]
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+    if not found:
+        raise FileNotFoundError(f"no images under {folder} ({task})")
+    return found
 
-    def images(task):
-        folder = Path(data_root) / FGVC_FOLDERS[task]
-        found = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
-        if not found:
-            raise FileNotFoundError(f"no images under {folder} ({task})")
-        return found
-    if name == "fig2":
-        return images("cub")[:2] + images("flowers")[:2]
-    cub = images("cub")
-    n = min(100, len(cub))
-    return [cub[round(i * (len(cub) - 1) / max(1, n - 1))] for i in range(n)]
+def plan_images(name: str, data_root: PathLike) -> List[Path]:
+    """The images of fig2 / fig9 / fig10 / fig11 under ``data_root`` (see :data:`FIG_IMAGES`)."""
+    slices = FIG_IMAGES[name][1]
+    if slices is None:
+        cub = _dataset_images(data_root, "cub")
+        n = min(FIG9_IMAGES, len(cub))
+        return [cub[round(i * (len(cub) - 1) / max(1, n - 1))] for i in range(n)]
+    out = []
+    for task, first, count in slices:
+        found = _dataset_images(data_root, task)
+        if len(found) < first + count:
+            raise FileNotFoundError(f"{name} needs images {first + 1}..{first + count} (sorted) of {task}; "
+                                    f"{len(found)} found")
+        out += found[first:first + count]
+    return out
 
 def execute_reconstruct(plan, out, data_root, weights: Dict[str, str], executor=None, **options) -> Dict[str, Any]:
-    """Run fig2 / fig9: every image x block x backbone through ``executor``; returns the summary."""
-    missing = [b for b in FIG_BACKBONES if b not in weights]
+    """Run a DIP figure: every image x block x backbone through ``executor``; returns the summary."""
+    rows = list(getattr(plan, "backbones", FIG_BACKBONES))
+    missing = [b for b in rows if b not in weights]
     if missing:
         raise FileNotFoundError(f"{plan.name} needs --weights BACKBONE=FILE for {', '.join(missing)}")
-    backbones = [{"backbone": b, "weights": weights[b]} for b in FIG_BACKBONES]
+    backbones = [{"backbone": b, "weights": weights[b]} for b in rows]
     return reconstruct(plan_images(plan.name, data_root), backbones, None, out, executor=executor, **options)
+
+def generator_flops(size: int, input_channels: int, channels: int, skip: int, scales: int,
+                    backward: bool = False) -> int:
+    """FLOPs (2 per multiply-add, convolutions only) of :class:`~gapt.analysis.dip.SkipGenerator` on one
+    ``size`` x ``size`` input. Forward: level i at side R: skip 1x1 (cin -> skip) at R, down 3x3 stride 2
+    (cin -> C) and 3x3 (C -> C) at ceil(R/2), merge 3x3 (skip + C -> C) and 1x1 (C -> C) at R; the 1x1 head
+    (C -> 3) at the input side. ``backward``: every weight gradient (one forward's worth) and every input
+    gradient but those of the two convolutions reading the noise input, which needs none."""
+    total, cin, side = 2 * channels * 3 * size * size, input_channels, size
+    first = 0
+    for level in range(scales):
+        half = (side + 1) // 2
+        reads_input = 2 * side * side * cin * skip + 2 * half * half * 9 * cin * channels
+        total += reads_input + 2 * side * side * (9 * (skip + channels) * channels + channels * channels)
+        total += 2 * half * half * 9 * channels * channels
+        first = reads_input if level == 0 else first
+        cin, side = channels, half
+    return 2 * total - first if backward else total
+
+def dip_step_flops(backbone: str, block: int, options: Optional[Dict[str, Any]] = None) -> int:
+    """FLOPs of one DIP step: the generator forward and backward (its weights train), then the frozen
+    backbone's patch embedding and blocks 1..l forward and back to the image (input gradients only; the
+    formulas of :mod:`gapt.paper.workload`)."""
+    from ..paper.workload import backbone_dims, block_flops
+    o = {**DEFAULTS, **(options or {})}
+    d = backbone_dims(backbone)
+    size = int(o["image_size"])
+    patches = (size // d["patch"]) ** 2
+    n, embed = d["prefix"] + patches, 2 * patches * 3 * d["patch"] ** 2 * d["dim"]
+    vit = 2 * embed + block * (block_flops(n, d["dim"], d["hidden"]) + block_flops(n, d["dim"], d["hidden"], True))
+    gen = [int(o[k]) for k in ("input_channels", "channels", "skip_channels", "scales")]
+    return generator_flops(size, *gen) + generator_flops(size, *gen, backward=True) + vit
+
+def dip_job_flops(backbone: str, block: int, options: Optional[Dict[str, Any]] = None) -> int:
+    """FLOPs of one DIP job: ``steps`` steps, the target's forward and the final render."""
+    from ..paper.workload import backbone_dims, block_flops
+    o = {**DEFAULTS, **(options or {})}
+    d = backbone_dims(backbone)
+    size = int(o["image_size"])
+    patches = (size // d["patch"]) ** 2
+    target = 2 * patches * 3 * d["patch"] ** 2 * d["dim"] + block * block_flops(d["prefix"] + patches, d["dim"],
+                                                                               d["hidden"])
+    render = generator_flops(size, *[int(o[k]) for k in ("input_channels", "channels", "skip_channels", "scales")])
+    return int(o["steps"]) * dip_step_flops(backbone, block, o) + target + render
+
+def dry_run_reconstruct(plan, out: PathLike, data_root: PathLike, weights: Dict[str, str]) -> Dict[str, Any]:
+    """What a DIP figure would run: its images (found under ``data_root``, else the planned count), the jobs
+    (images x blocks x backbones), the weights and their presence, the FLOPs; nothing runs."""
+    from ..paper.workload import backbone_dims, reference_flops
+    from ..paper.plans import FGVC_FOLDERS
+    out = Path(out)
+    slices = FIG_IMAGES[plan.name][1] or [("cub", None, FIG9_IMAGES)]
+    datasets = [{"benchmark": "fgvc", "task": t, "folder": str(Path(data_root) / FGVC_FOLDERS[t]),
+                 "present": (Path(data_root) / FGVC_FOLDERS[t]).is_dir()} for t in dict.fromkeys(s[0] for s in slices)]
+    try:
+        images, found = [str(p) for p in plan_images(plan.name, data_root)], True
+    except FileNotFoundError:
+        images, found = [], False
+    n_images = len(images) if found else sum(c for _, _, c in slices)
+    rows, total = [], 0
+    for bb in plan.backbones:
+        depth = backbone_dims(bb)["depth"]
+        flops = n_images * sum(dip_job_flops(bb, k) for k in range(1, depth + 1))
+        done = len(list((out / "jobs" / bb).glob("*/block_*/results.json")))
+        rows.append({"backbone": bb, "images": n_images, "blocks": depth, "jobs": n_images * depth,
+                     "steps": DEFAULTS["steps"], "jobs_done": done, "flops": flops})
+        total += flops
+    from ..paper.inputs import weights_rows
+    w = weights_rows(plan.backbones, weights, ())
+    return {"plan": plan.name, "kind": "dip", "out": str(out), "datasets": datasets, "weights": w,
+            "images": images, "images_from": "found under --data-root" if found else "planned count: datasets not found",
+            "jobs": rows, "runs": sum(r["jobs"] for r in rows), "dip_steps": sum(r["jobs"] * r["steps"] for r in rows),
+            "flops": total, "reference_images": total / reference_flops()}
 
 def render_reconstruct(plan, results, out_dir) -> List[Path]:
     """The summary of the jobs already finished under ``out_dir`` (reconstruct.md first)."""

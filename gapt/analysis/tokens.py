@@ -94,7 +94,9 @@ def plot_tokens(numbers: Dict[str, Any], out_png) -> Path:
     ax.set_xticklabels([str(x) for x in xs])
     ax.set_xlabel("total number of prompts (VPT-deep: blocks x prompts per block)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{numbers['task']}: top-1 against the prompt budget (paper points: MAE ViT-B/16)", fontsize=9)
+    ax.set_title(f"{numbers['task']}: top-1 against the prompt budget"
+                 + (" (paper points: MAE ViT-B/16)" if numbers["paper"] else " (the paper has no points for this task)"),
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="lower right")
     return save_png(fig, out_png)

@@ -1,5 +1,9 @@
 """``prompt_init=prototype``: prompts initialised from k-means prototypes of the downstream
-training set's token features (Self-Prompt Tuning, Wang et al., ICML 2024).
+training set's token features: the variant the Self-Prompt Tuning paper describes (Wang et al.,
+ICML 2024). SPT's released code samples single tokens instead, by default (``prompt_init=spt``,
+gapt/engine/prompt_init/spt.py); its k-means centres (``kmeans-prompt/0.3/depth_{d}.txt``, about 30 %
+of the data) and the code that made them are not released, so this is gapt's k-means of its own
+choosing (below), not a transcription (SPEC §12.1(g)1).
 
 Where the features come from (the tokens the prompts will sit beside, before any prompt exists):
 
@@ -153,23 +157,20 @@ def _block_inputs(model, images: torch.Tensor, blocks: List[int], device, batch_
     wanted = sorted(set(blocks))
     states = [model.embed(images[i:i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)]
     current = 1
-    from ..model.prompted import block_forward
+    from ..model.blocks import block_forward
+    from ..model.parts import BlockCall
     rope = model.rope(states[0].shape[1] - model.backbone.num_prefix_tokens) if states else None  # Eva: RoPE
     for block in wanted:
         while current < block:  # advance every batch through block `current`
             blk = model.backbone.blocks[current - 1]
-            states = [block_forward(blk, s, None, rope) for s in states]
+            states = [block_forward(blk, s, BlockCall(rope=rope)) for s in states]
             current += 1
         yield block, torch.cat([_patch_tokens(model, s) for s in states]).flatten(0, 1)
 
 
 def _target_blocks(model) -> List[Tuple[str, int, int]]:
-    """(parameter name, row, 1-based block whose input tokens initialise it)."""
-    if model.method == "vpt-deep":
-        return [("prompt_embeddings", 0, 1)] + [("deep_prompt_embeddings", l - 2, l) for l in range(2, model.depth + 1)]
-    if model.method == "vpt-at-block":
-        return [("prompt_embeddings", 0, model.insert_at_block)]
-    return [("prompt_embeddings", 0, 1)]
+    """(parameter name, row, 1-based block whose input tokens initialise it): the prompt part's insertions."""
+    return model.prompt_insertions()
 
 
 def prototype_features(model, dataset, seed: int = 42, device: Union[str, torch.device, None] = None,
@@ -184,9 +185,8 @@ def prototype_features(model, dataset, seed: int = 42, device: Union[str, torch.
 
 
 def _check_method(model) -> None:
-    if getattr(model, "prompt_embeddings", None) is None:
-        raise ValueError(f"prompt_init=prototype needs a prompt method (vpt-shallow, vpt-deep, vpt-at-block, "
-                         f"gated); method '{getattr(model, 'method', '?')}' has no prompts")
+    from .prompt_init.common import check_prompts
+    check_prompts(model, "prototype")
 
 
 @torch.no_grad()
@@ -208,7 +208,7 @@ def init_prompts_from_prototypes(model, dataset, seed: int = 42, device: Union[s
     by_block = {}
     for name, row, block in targets:
         by_block.setdefault(block, []).append((name, row))
-    summary = {"images": len(indices), "blocks": {}}
+    summary = {"images": len(indices), "image_indices": indices, "blocks": {}}
     k = model.num_prompts
     for block, feats in _block_inputs(model, images, list(by_block), device, batch_size):
         if feats.shape[0] < k:

@@ -1,5 +1,10 @@
 """One training run (SPEC §6): train, evaluate val every epoch, keep the best-val tuned state,
-evaluate test once at the end on the best and the last state. Resumable, DDP-aware."""
+evaluate test once at the end on the best and the last state. Resumable, DDP-aware.
+
+Which epoch a run reports (``metrics.selection``): with held-out val, the best-val epoch
+(``test_top1`` = ``test_top1_best_val``); when val is inside the training data (a final run on
+train + val) no epoch is chosen by val: the last one (``test_top1`` = ``test_top1_last``).
+``test_top1_last`` is always there: the reference's protocol (SPEC §6), which reports compare with."""
 from __future__ import annotations
 
 import logging
@@ -20,6 +25,7 @@ from . import runfolder as rf
 from .precision import autocast_dtype_for, precision_record, precision_scope
 from .progress import Progress, summary
 from .run import Run, check_finite, check_model_config, in_process_group, seed_everything
+from .davpt_init import davpt_part, davpt_record, init_davpt
 from .schedule import LRSchedule
 
 log = logging.getLogger("gapt")
@@ -44,6 +50,7 @@ def model_from_config(cfg: C.RunConfig, num_classes: int, class_names=None) -> P
 
 
 def make_optimizer(cfg: C.RunConfig, params) -> torch.optim.Optimizer:
+    """SGD or AdamW over ``params`` (tensors, or groups with their own weight decay: ``model.param_groups``)."""
     t = cfg.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -96,7 +103,8 @@ def evaluate(forward: Callable, dataset, batch_size: int, device, dtype, workers
 
 
 def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSchedule, epoch: int, device, dtype,
-                    max_steps: int = 0, run_dir: Optional[Path] = None) -> Dict[str, float]:
+                    max_steps: int = 0, run_dir: Optional[Path] = None, clip_grad_value: float = 0.0) -> Dict[str, float]:
+    """One epoch; ``clip_grad_value`` > 0 clamps each gradient element before the step (DA-VPT's recipe)."""
     model.train()
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
     bar = Progress(steps, f"epoch {epoch + 1}", enabled=dist.is_main())  # epochs count from 1 for people
@@ -123,14 +131,23 @@ def train_one_epoch(model, forward: Callable, loader, optimizer, schedule: LRSch
             break
         lr = schedule.apply(optimizer, epoch, step)
         x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+        if hasattr(model, "targets"):
+            model.targets = y  # parts whose loss terms need the labels (DA-VPT) read them in this pass
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = F.cross_entropy(forward(x).float(), y)
+        if hasattr(model, "targets"):
+            model.targets = None
+        extra = getattr(model, "extra_losses", None)
+        if extra:  # loss terms a method's parts added in this forward pass (e.g. a metric loss)
+            loss = loss + sum(term.float() for term in extra)
         seen += y.numel()
         pending.append((step, loss.detach(), y.numel(), lr))
         if len(pending) >= sync_every:
             flush()  # before the update: on CPU a non-finite loss never reaches the tuned tensors
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad_value > 0:
+            torch.nn.utils.clip_grad_value_([p for g in optimizer.param_groups for p in g["params"]], clip_grad_value)
         optimizer.step()
     if pending:
         flush()
@@ -159,8 +176,8 @@ def train(cfg: C.RunConfig, resume: bool = False, stop_after_epoch: Optional[int
 
     ``stop_after_epoch`` ends the process's work right after that epoch's resume file is written
     (as a kill would); tests use it to check that resuming gives the uninterrupted metrics.
-    ``prompt_initialiser(model, train_set, seed=, device=)`` sets the prompts of a fresh
-    ``prompt_init: prototype`` run (default: gapt.engine.prototype's k-means).
+    ``prompt_initialiser(model, train_set, seed=, device=)`` sets the prompts of a fresh run with a
+    data-driven ``prompt_init`` (default: gapt.engine.prompt_init's prototype / spt / vipamin).
     """
     check_model_config(cfg)
     return in_process_group(cfg, lambda device: _train(Run(cfg, device, resume), stop_after_epoch,
@@ -174,9 +191,12 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
 
     bundle = build_datasets(cfg.data, image_size=cfg.image_size, seed=t.seed)
     model = model_from_config(cfg, bundle.num_classes, bundle.class_names).to(device)
-    if cfg.prompt_init == "prototype" and not run.resume:
-        from .prototype import init_prompts_from_prototypes
-        (prompt_initialiser or init_prompts_from_prototypes)(model, bundle.train, seed=t.seed, device=device)
+    if cfg.prompt_init != "random" and not run.resume:  # once, before step 0; a resumed run has its prompts
+        from .prompt_init import init_prompts
+        init_prompts(cfg, model, bundle.train, t.seed, device, out, prompt_initialiser)
+    davpt_init = None
+    if davpt_part(model) is not None and not run.resume:  # DA-VPT's class -> proxy mapping, before step 0
+        davpt_init = init_davpt(model, bundle.train, seed=t.seed, device=device)
     eval_bs = t.eval_batch_size or 2 * t.batch_size
 
     # Frozen leading blocks on un-augmented data are computed once, not every epoch.
@@ -193,7 +213,8 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
     workers = 0 if cached else cfg.data.num_workers
     loader = _loader(train_set, run.per_process_batch, sampler, workers, t.seed, device.type == "cuda")
     steps_per_epoch = len(loader) if not t.max_steps_per_epoch else min(t.max_steps_per_epoch, len(loader))
-    optimizer = make_optimizer(cfg, list(model.tuned_parameters().values()))
+    optimizer = make_optimizer(cfg, model.param_groups(t.weight_decay, None if t.head_weight_decay < 0
+                                                       else t.head_weight_decay, t.head_bias_decay))
     schedule = LRSchedule(t.lr, t.epochs, C.warmup_epochs(t), steps_per_epoch, t.schedule)
 
     start_epoch, best = 0, {"top1": -1.0, "epoch": -1, "state": None}
@@ -201,6 +222,7 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
     if run.resume:
         state = run.load_state(model)
         set_tuned_state(model, state["tuned"])
+        model.load_parts_state(state.get("parts", {}))  # e.g. DA-VPT's class -> proxy mapping
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, train_time = state["epoch"] + 1, state["train_time_s"]
         # resume files before epochs were numbered from 1 (no "epoch_base") hold a 0-based best epoch
@@ -218,20 +240,22 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
         log.info("final run: val is part of the training data, so no held-out val score is reported")
     for epoch in range(start_epoch, t.epochs):
         sampler.set_epoch(epoch)
+        model.epoch_begin(epoch)
         stats = train_one_epoch(model, train_forward, loader, optimizer, schedule, epoch, device, dtype,
-                                t.max_steps_per_epoch, out)
+                                t.max_steps_per_epoch, out, t.clip_grad_value)
+        model.epoch_end(epoch)
         train_time += stats.pop("train_time_s")
         model.eval()
         val = evaluate(val_forward, val_set, eval_bs, device, dtype, workers, desc="val")
         record = {"epoch": epoch + 1, **stats, "val_top1": val["top1"], "val_loss": val["loss"]}
         if t.eval_test_every_epoch:  # the reference protocol: costly, and test must not pick models
             record["test_top1"] = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test")["top1"]
-        if val["top1"] > best["top1"]:
+        if held_out_val and val["top1"] > best["top1"]:  # val inside the training data chooses nothing
             best = {"top1": val["top1"], "epoch": epoch + 1, "state": tuned_state(model)}
         run.append_metrics(record, (epoch + 1) * steps_per_epoch, model)
         run.save_state({"epoch": epoch, "tuned": tuned_state(model), "optimizer": optimizer.state_dict(),
                         "best_top1": best["top1"], "best_epoch": best["epoch"], "best_tuned": best["state"],
-                        "train_time_s": train_time, "epoch_base": 1}, model)
+                        "train_time_s": train_time, "epoch_base": 1, "parts": model.parts_state()}, model)
         if dist.is_main():
             shown = {k: v for k, v in record.items() if k != "epoch" and (held_out_val or not k.startswith("val_"))}
             log.info("epoch %d/%d %s", epoch + 1, t.epochs, summary(shown))
@@ -240,30 +264,36 @@ def _train(run: Run, stop_after_epoch: Optional[int], prompt_initialiser: Option
             run.close()
             return {"stopped_after_epoch": epoch}
 
-    # Test once: on the best-val state (what the run reports) and on the last state, which
-    # are one state when the last epoch was the best (then test runs once).
+    # Test once: on the best-val state and on the last state, which are one state when the last
+    # epoch was the best, or when val is not held out (then the last epoch is reported; test runs once).
     last_state = tuned_state(model)
     test_last = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (last)")
-    if best["epoch"] == t.epochs:
-        test_best = test_last
+    if not held_out_val:  # no val score, no best-val epoch: the last epoch is the run's number
+        best = {"top1": None, "epoch": t.epochs, "state": None}
+        metrics = {"test_top1": test_last["top1"], "test_top1_last": test_last["top1"],
+                   "test_count": test_last["count"], "selection": "last", "selected_epoch": t.epochs}
     else:
-        set_tuned_state(model, best["state"])
-        test_best = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (best val)")
-    metrics = {"val_top1_best": best["top1"], "best_epoch": best["epoch"], "test_top1": test_best["top1"],
-               "test_top1_last": test_last["top1"], "test_count": test_best["count"]}
+        test_best = test_last
+        if best["epoch"] != t.epochs:
+            set_tuned_state(model, best["state"])
+            test_best = evaluate(model, bundle.test, eval_bs, device, dtype, workers, "test (best val)")
+        metrics = {"val_top1_best": best["top1"], "best_epoch": best["epoch"], "test_top1": test_best["top1"],
+                   "test_top1_best_val": test_best["top1"], "test_top1_last": test_last["top1"],
+                   "test_count": test_best["count"], "selection": "best-val", "selected_epoch": best["epoch"]}
     results = run.base_results(model, bundle.info.get("name") or cfg.data.name, cfg.data.final, metrics,
                                bundle.info, model.num_tuned(), train_time)
     results.update({"epochs": t.epochs, "frozen_cache_blocks": model.frozen_leading_blocks if cached else 0,
+                    "tuned_params_by_part": model.tuned_counts(), **davpt_record(model, davpt_init),
                     "val_held_out": held_out_val, "backbone_params": sum(p.numel() for p in model.backbone.parameters())})
 
     def write_files() -> None:
         model.save_tuned(str(out / rf.TUNED), extra={"data": bundle.info, "best_epoch": best["epoch"]})
         if held_out_val:
             log.info("done: val top-1 %.2f (epoch %d), test top-1 %.2f (best val) / %.2f (last) -> %s",
-                     best["top1"], best["epoch"], test_best["top1"], test_last["top1"], out)
+                     best["top1"], best["epoch"], metrics["test_top1"], test_last["top1"], out)
         else:
-            log.info("done (final run, no held-out val): test top-1 %.2f (state of epoch %d) / %.2f (last) -> %s",
-                     test_best["top1"], best["epoch"], test_last["top1"], out)
+            log.info("done (final run, no held-out val): test top-1 %.2f (last epoch, %d) -> %s",
+                     test_last["top1"], t.epochs, out)
 
     run.finish(results, write_files, t.epochs * steps_per_epoch)
     set_tuned_state(model, last_state)

@@ -81,7 +81,11 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: Union
         ``vpt-shallow`` (prompts enter at block 1 and flow through every block),
         ``vpt-deep`` (fresh prompts at every block), ``vpt-at-block`` (prompts enter at
         ``insert_at_block``), ``gated`` (GaPT: vpt-shallow whose prompt update after block l is
-        mixed by a learned gate g_l = sigmoid(gamma_l), one per block but the last).
+        mixed by a learned gate g_l = sigmoid(gamma_l), one per block but the last), and the PEFT
+        baselines ``lora`` (on the attention's qkv), ``adaptformer`` (parallel MLP adapter),
+        ``bitfit`` (every backbone bias) and ``ssf`` (scale and shift after 8 places). Names compose
+        with ``+``: ``"gated+lora"`` is gated prompts on a LoRA-tuned backbone (gapt/method.py says
+        which names cannot go together).
     num_prompts: prompt tokens (prompt methods; ignored by linear/full).
     num_classes: outputs of the linear head (fresh: Kaiming-normal weight, bias -log(99)).
     gate_init: gated only (default 10.0): every gamma_l starts at ``-gate_init``, so gates start at
@@ -115,6 +119,9 @@ def build_model(backbone: Union[str, BackboneSpec] = "mae_vitb16", method: Union
     gate_type: ``soft`` (g = sigmoid(gamma)) or ``hard`` (0/1 gates: Gumbel-Sigmoid with temperature
         ``gate_temperature`` and straight-through in training, 1[gamma > 0] in evaluation; SPEC §9).
     gate_temperature: the Gumbel-Sigmoid temperature of hard gates (default 1.0).
+    lora_rank, lora_alpha, lora_targets: lora only (defaults 8, 8, ``"qkv"``: one A, B on timm's fused
+        qkv as peft; ``"q,v"``: separate q and v updates). B starts at zero: step 0 is the frozen model.
+    adapter_dim, adapter_scale, adapter_dropout: adaptformer only (defaults 64, 0.1, 0.1).
     """
     chosen = MethodSettings.of(method, **settings)
     vit, spec = build_backbone(backbone, weights, image_size, random_seed, pos_embed_interpolation)

@@ -58,9 +58,10 @@ def check_model_settings(backbone: str, weights: Optional[str], image_size: int,
         lower, upper = image_size // patch * patch, (image_size // patch + 1) * patch
         raise ModelSettingsError(f"bad value for config key '{size_key}': {image_size} is not a multiple of "
                                  f"backbone '{backbone}''s patch size {patch} (e.g. {lower or upper} or {upper})")
-    if method == "vpt-at-block" and depth and insert_at_block > depth:
+    at_block = "vpt-at-block" in str(method).split("+")
+    if at_block and depth and insert_at_block > depth:
         raise ModelSettingsError(f"bad value for config key 'insert_at_block': {insert_at_block}, but backbone "
                                  f"'{backbone}' has {depth} blocks (1..{depth})")
-    if method != "vpt-at-block" and insert_at_block != 1:
+    if not at_block and insert_at_block != 1:
         raise ModelSettingsError(f"bad value for config key 'insert_at_block': {insert_at_block} needs "
                                  f"method=vpt-at-block (got '{method}')")

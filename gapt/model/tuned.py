@@ -1,8 +1,11 @@
-"""Tuned-state files: only what was trained (prompts, gates, temperatures, head), as safetensors.
+"""Tuned-state files: only what was trained (prompts, gates, temperatures, LoRA, adapters, SSF, biases, head),
+as safetensors, under the model's parameter names (``prompt_embeddings``, ``backbone.blocks.0.attn.qkv.lora_A.weight``).
 
 Also reads models saved by the reference GaPT/VPT trainer (SPEC §4): ``{"model": state_dict}``
 with ``enc.prompt_embeddings``, ``enc.deep_prompt_embeddings``, ``enc.gate_logit``, ``enc.temp``,
-``head.last_layer.*`` and the frozen encoder under ``enc.<timm names>``.
+``head.last_layer.*`` and the frozen encoder under ``enc.<timm names>``; and those of the VPT-codebase forks:
+VFPT's (VPT-deep's tensors, loaded into ``method=vfpt``) and E2VPT's (``enc.blocks.<l>.attn.deep_QKV_embeddings``,
+``enc.prompt_soft_tokens[_pieces]_mask_cls_token``; an MAE encoder saved with ``fc_norm`` instead of ``norm``).
 """
 from __future__ import annotations
 
@@ -22,7 +25,12 @@ FORMAT = "gapt-tuned"
 SEG_FORMAT = "gapt-seg-tuned"
 # Hyper-parameters that must agree between a file and the model it is loaded into.
 IDENTITY_KEYS = ("backbone", "method", "num_prompts", "learn_temperature", "insert_at_block", "num_classes",
-                 "gate_type")
+                 "gate_type", "lora_rank", "lora_alpha", "lora_targets", "adapter_dim", "adapter_scale",
+                 "fourier_fraction", "kv_prompts", "e2vpt_masks", "e2vpt_masked_tokens", "e2vpt_masked_pieces")
+# Keys that matter only with a part of the method (a gated file's lora_rank is the unused default).
+PART_KEYS = {"lora_rank": "lora", "lora_alpha": "lora", "lora_targets": "lora", "adapter_dim": "adaptformer",
+             "adapter_scale": "adaptformer", "fourier_fraction": "vfpt", "kv_prompts": "e2vpt", "e2vpt_masks": "e2vpt",
+             "e2vpt_masked_tokens": "e2vpt", "e2vpt_masked_pieces": "e2vpt"}
 REFERENCE_KEYS = {
     "enc.prompt_embeddings": "prompt_embeddings",
     "enc.deep_prompt_embeddings": "deep_prompt_embeddings",
@@ -30,7 +38,11 @@ REFERENCE_KEYS = {
     "enc.temp": "temperature",
     "head.last_layer.weight": "head.weight",
     "head.last_layer.bias": "head.bias",
+    "enc.prompt_soft_tokens_mask_cls_token": "prompt_soft_tokens_mask_cls_token",  # E2VPT's token / piece masks
+    "enc.prompt_soft_tokens_pieces_mask_cls_token": "prompt_soft_tokens_pieces_mask_cls_token",
 }
+# E2VPT's key-value prompts, enc.blocks.<l>.attn.deep_QKV_embeddings: gapt's backbone.blocks.<l>.attn.<same>.
+KV_SUFFIX = ".attn.deep_QKV_embeddings"
 # Parameter-free or head-only leftovers in a reference encoder that gapt does not use.
 REFERENCE_IGNORED_ENC = ("head.", "fc_norm.", "pre_logits.")
 
@@ -103,13 +115,18 @@ def read_encoder_tuned(path: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
     return json.loads(meta["config"]), {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
 
 
+def _keys(d: Dict):
+    names = str(d.get("method", "")).split("+")
+    return [k for k in IDENTITY_KEYS if k in d and (k not in PART_KEYS or PART_KEYS[k] in names)]
+
+
 def _describe(d: Dict) -> str:
-    return ", ".join(f"{k}={d.get(k)!r}" for k in IDENTITY_KEYS if k in d)
+    return ", ".join(f"{k}={d.get(k)!r}" for k in _keys(d))
 
 
 def _check_identity(model, held: Dict, path: str) -> None:
     expected = model_identity(model)
-    wrong = [k for k in IDENTITY_KEYS if k in held and held[k] != expected[k]]
+    wrong = [k for k in _keys(held) if held[k] != expected[k]]
     if wrong:
         raise CheckpointError(f"{path} holds a tuned model with {_describe(held)}; this model expects "
                               f"{_describe(expected)} (differs in: {', '.join(wrong)})")
@@ -147,7 +164,10 @@ def load_tuned(model, path: str) -> None:
 
 def infer_reference_identity(sd: Dict[str, torch.Tensor]) -> Dict:
     """What a reference-trainer state dict holds: method, prompt count, temperature, classes."""
-    if "enc.deep_prompt_embeddings" in sd:
+    kv = sorted(k for k in sd if str(k).startswith("enc.") and str(k).endswith(KV_SUFFIX))
+    if kv:
+        method = "e2vpt"
+    elif "enc.deep_prompt_embeddings" in sd:  # VPT-deep, or VFPT (same tensors): load_reference_tuned decides
         method = "vpt-deep"
     elif "enc.gate_logit" in sd:
         method = "gated"
@@ -162,7 +182,26 @@ def infer_reference_identity(sd: Dict[str, torch.Tensor]) -> Dict:
         held["num_prompts"] = 0
     if "head.last_layer.weight" in sd:
         held["num_classes"] = int(sd["head.last_layer.weight"].shape[0])
+    if kv:
+        held["kv_prompts"] = int(sd[kv[0]].shape[1])
     return held
+
+
+def _reference_masks(model, sd: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+    """E2VPT's masks: trained tensors (e2vpt_masks=learned); a rewound model's frozen masks must equal the
+    model's fixed ones and are then dropped; a model without masks refuses a file with masks."""
+    names = [k for k in REFERENCE_KEYS if k.startswith("enc.prompt_soft_tokens")]
+    held, masks = [k for k in names if k in sd], model.settings.e2vpt_masks
+    if masks == "none" and held:
+        raise CheckpointError(f"{path} holds E2VPT's token / piece masks; build the model with e2vpt_masks=learned "
+                              f"(or fixed, with the masked entries)")
+    if masks == "fixed":
+        wrong = [k for k in held if not torch.equal(sd[k].float(), getattr(model, REFERENCE_KEYS[k]).detach().cpu())]
+        if wrong:
+            raise CheckpointError(f"{path}: {', '.join(wrong)} differ from this model's fixed masks "
+                                  f"(e2vpt_masked_tokens / e2vpt_masked_pieces)")
+        sd = {k: v for k, v in sd.items() if k not in names}
+    return sd
 
 
 def load_reference_tuned(model, sd: Dict[str, torch.Tensor], path: str) -> None:
@@ -170,11 +209,18 @@ def load_reference_tuned(model, sd: Dict[str, torch.Tensor], path: str) -> None:
     if held["method"] == "vpt-deep" and held["learn_temperature"] and not model.learn_temperature:
         held["learn_temperature"] = False  # the reference ignores temperatures with vpt-deep
         sd = {k: v for k, v in sd.items() if k != "enc.temp"}
+    if held["method"] == "vpt-deep" and model.method == "vfpt":  # VFPT's files hold VPT-deep's tensors
+        held["method"] = "vfpt"
     _check_identity(model, held, path)
+    if held["method"] == "e2vpt":
+        sd = _reference_masks(model, sd, path)
     tuned = {new: sd[old] for old, new in REFERENCE_KEYS.items() if old in sd}
+    tuned.update({"backbone." + k[4:]: v for k, v in sd.items() if k.startswith("enc.") and k.endswith(KV_SUFFIX)})
     _load_tensors(model, tuned, path)
     encoder = {k[4:]: v for k, v in sd.items()
                if k.startswith("enc.") and k not in REFERENCE_KEYS and not k[4:].startswith(REFERENCE_IGNORED_ENC)}
-    if encoder:  # the reference saved the frozen encoder too: use exactly those weights
+    if any(not k.endswith(KV_SUFFIX) for k in encoder):  # the reference saved the frozen encoder too: use it
+        if "norm.weight" not in encoder and "enc.fc_norm.weight" in sd:  # VPT-codebase MAE: fc_norm replaced norm
+            encoder.update({k: v for k, v in model.backbone.state_dict().items() if k.startswith("norm.")})
         load_into_vit(model.backbone, encoder, path)
         log.info("loaded the reference trainer's model from %s (%s, encoder weights included)", path, held["method"])

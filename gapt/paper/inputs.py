@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .. import config as C
 from .plans import ADE20K_FOLDER, FGVC_FOLDERS, PRESETS, Plan, ReproduceError, RunSpec
@@ -101,31 +101,69 @@ def _epochs(cfg: C.RunConfig) -> int:
     return cfg.seg.iterations if cfg.data.format == "ade20k" else cfg.train.epochs
 
 
+# -- the dry run: inputs, runs and their work -------------------------------------------------------
+def plan_backbones(plan: Plan) -> List[str]:
+    """The backbones a plan needs weights for (a DIP figure names them in ``plan.backbones``)."""
+    return sorted({s.backbone for s in plan.specs}) or list(getattr(plan, "backbones", []))
+
+
+def weights_rows(backbones: Sequence[str], weights: Dict[str, str], user: Sequence[str]) -> List[Dict[str, Any]]:
+    """Per backbone: the weights file given (a ``weights=`` override wins), whether it exists, where to get it."""
+    given = [o.split("=", 1)[1] for o in user if o.split("=", 1)[0].strip() == "weights"]
+    rows = []
+    for bb in backbones:
+        path = given[-1] if given else weights.get(bb)
+        hint = ""
+        if path is None:
+            try:
+                from ..model.backbones import resolve_spec
+                hint = resolve_spec(bb).download
+            except (ImportError, ValueError):
+                pass
+        rows.append({"backbone": bb, "file": path, "present": bool(path) and Path(path).is_file(), "download": hint})
+    return rows
+
+
 def dry_run(plan: Plan, out: Path, data_root: Path, weights: Dict[str, str], user: Sequence[str],
-            seeds: int) -> Dict[str, Any]:
-    """What would run: per spec its runs (trials + finals), their settings and epochs; nothing is trained."""
+            seeds: int, time_per_image: Optional[float] = None) -> Dict[str, Any]:
+    """What would run, touching nothing: each dataset folder and weights file and whether it is there; per
+    spec its runs (trials + finals), settings, epochs (or ADE20K iterations: never added to epochs) and work
+    (images processed, FLOPs; :mod:`.workload`); ``time_per_image`` (seconds per reference image) adds
+    an estimated wall time. A DIP figure (``plan.dry_run``) lists its jobs instead."""
     from ..sweep.jobs import folder_state
     from ..sweep.run import plan_sweep
-    rows, total_runs, total_epochs = [], 0, 0
+    from . import workload as W
+    if getattr(plan, "dry_run", None) is not None:
+        info = plan.dry_run(plan, out, data_root, weights)
+        return W.add_time(info, time_per_image)
+    rows, datasets = [], {}
     for spec in plan.specs:
         over = spec_overrides(spec, data_root, weights, user)
         cfg = C.load_config(str(PRESETS / spec.preset), over)
+        folder = dataset_folder(data_root, spec)
+        datasets.setdefault((spec.benchmark, spec.task), {"benchmark": spec.benchmark, "task": spec.task,
+                                                         "folder": str(folder), "present": folder.is_dir()})
+        trials = []
         if spec.lr_sweep:
-            sp = plan_sweep(str(PRESETS / spec.preset), over + [f"out={out / spec.name}"])
-            runs = len(sp.trials) + seeds
+            sp = plan_sweep(str(PRESETS / spec.preset), over + [f"out={out / spec.name}"], spec.grid)
+            trials = [j.cfg or cfg for j in sp.trials]
             lrs = ",".join(str(j.overrides.get("train.lr", cfg.train.lr)) for j in sp.trials)
             what = f"lr sweep {lrs} on val, then {seeds} final(s)"
         else:
-            runs = seeds
             what = f"{seeds} final(s) at lr {cfg.train.lr}"
+        runs = len(trials) + seeds
         done = sum(folder_state(out / spec.name / "final" / f"seed{cfg.train.seed + i}") == "done"
                    for i in range(seeds))
         unit = "iterations" if cfg.data.format == "ade20k" else "epochs"
-        rows.append({"name": spec.name, "row": spec.row, "task": spec.task, "preset": spec.preset,
-                     "overrides": over, "runs": runs, unit: _epochs(cfg), "what": what, "finals_done": done,
+        rows.append({"name": spec.name, "row": spec.row, "task": spec.task, "benchmark": spec.benchmark,
+                     "preset": spec.preset, "overrides": over, "runs": runs, unit: _epochs(cfg), "what": what,
+                     "finals_done": done, "work": W.spec_work(spec, cfg, trials, seeds, folder),
                      "settings": f"np={cfg.num_prompts} gi={cfg.gate_init:g} bs={cfg.train.batch_size} "
                                  f"gate={cfg.gate_type} temp={'on' if cfg.learn_temperature else 'off'} "
                                  f"precision={cfg.train.precision}"})
-        total_runs += runs
-        total_epochs += runs * _epochs(cfg)
-    return {"plan": plan.name, "out": str(out), "specs": rows, "runs": total_runs, "epochs": total_epochs}
+    info = {"plan": plan.name, "out": str(out), "datasets": list(datasets.values()),
+            "weights": weights_rows(plan_backbones(plan), weights, user), "specs": rows,
+            "runs": sum(r["runs"] for r in rows),
+            "epochs": sum(r["runs"] * r["epochs"] for r in rows if "epochs" in r),
+            "iterations": sum(r["runs"] * r["iterations"] for r in rows if "iterations" in r)}
+    return W.add_time(W.add_totals(info), time_per_image)

@@ -61,6 +61,7 @@ class RunSpec:
     gate_type: str = "soft"
     num_prompts: Optional[int] = None  # as the run's num_prompts (per block for vpt-deep)
     runner: str = ""               # "module:function" training a config ("" = classification)
+    grid: str = "spec"             # lr_sweep's preset grid (gapt.sweep.grid.GRIDS: spec, davpt, adamw, ...)
 
     @property
     def metrics(self) -> Tuple[str, ...]:
@@ -173,7 +174,8 @@ def plan_table7() -> Plan:
 
 
 def plan_table8() -> Plan:
-    """MAE ViT-L/16 and MoCo v3 ViT-S/16, 48 prompts, CUB / Flowers: every row swept (Table 5 is ViT-B's)."""
+    """MAE ViT-L/16 and MoCo v3 ViT-S/16, 48 prompts, CUB / Flowers: every row swept (Table 5 is ViT-B's).
+    VPT-deep's 48 prompts are spread over the blocks: 2 per block on ViT-L/16 (24 blocks), 4 on ViT-S/16 (12)."""
     table = P.TABLES["table8"]
     base = {"mae_vitl16": "mae_vitb16", "mocov3_vits16": "mocov3_vitb16"}
     specs = [_cell("table8", r.backbone, r, task, "fgvc", preset_backbone=base[r.backbone], lr_sweep=True)
@@ -206,7 +208,19 @@ PLANS.update({
     "fig4": _figure_plan("gates", "plan_fig4"), "fig5": _figure_plan("attention", "plan_fig5"),
     "fig6": _figure_plan("ablation", "plan_fig6"), "fig7": _figure_plan("tokens", "plan_fig7"),
     "fig8": _figure_plan("ablation", "plan_fig8"), "fig9": _figure_plan("reconstruct", "plan_fig9"),
+    "fig10": _figure_plan("reconstruct", "plan_fig10"),
+    "fig11": _figure_plan("reconstruct", "plan_fig11"),
 })
+
+
+def _plan_peers(**kw) -> Plan:
+    """`gapt reproduce peers` (SPEC §12.7): gapt/paper/peers_plan.py, imported by name (it imports this module);
+    keywords: benchmark, backbone, methods."""
+    import importlib
+    return importlib.import_module("gapt.paper.peers_plan").plan_peers(**kw)
+
+
+PLANS["peers"] = _plan_peers
 
 
 def get_plan(name: str) -> Plan:

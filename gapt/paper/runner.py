@@ -81,8 +81,9 @@ def run_plan(plan: Plan, out, data_root, *, weights: Sequence[str] = (), overrid
     sp.write = lambda: None  # reproduce.json is this plan's record
 
     def ended(job, status):
-        progress.set(job.name, status=status, error=sp.records[(job.kind, job.name)].get("error"),
-                     test_top1=sp.records[(job.kind, job.name)].get("test_top1"))
+        rec = sp.records[(job.kind, job.name)]
+        progress.set(job.name, status=status, error=rec.get("error"), test_top1=rec.get("test_top1"),
+                     test_top1_last=rec.get("test_top1_last"))
     sp.end_hook = ended
     if jobs:
         log.info("%s: %d final run(s) with the paper's settings; %s", plan.name, len(jobs),
@@ -99,9 +100,10 @@ def run_plan(plan: Plan, out, data_root, *, weights: Sequence[str] = (), overrid
         try:
             state = run_sweep(str(PRESETS / spec.preset),
                               spec_overrides(spec, data_root, wmap, user) + [f"out={out / name}"],
-                              seeds=seeds, executor=executor, retry_failed=retry_failed)
+                              seeds=seeds, executor=executor, retry_failed=retry_failed, grid=spec.grid)
             progress.set(name, status=state["status"], choice=state.get("choice"),
-                         final_test_top1=state.get("final_test_top1"))
+                         final_test_top1=state.get("final_test_top1"),
+                         final_test_top1_last=state.get("final_test_top1_last"))
         except (SweepError, C.ConfigError) as e:
             log.error("%s: %s", name, e)
             progress.set(name, status="failed", error=str(e))

@@ -8,7 +8,14 @@ A *run folder* is any folder holding a ``results.json`` written by the training 
     {"backbone": "mae_vitb16", "method": "gated", "learn_temperature": true,
      "prompt_init": "random", "num_prompts": 100, "benchmark": "fgvc", "task": "cub",
      "seed": 42, "final": true,
-     "metrics": {"val_top1_best": 71.2, "best_epoch": 87, "test_top1": 70.9, ...}, ...}
+     "metrics": {"val_top1_best": 71.2, "best_epoch": 87, "test_top1": 70.9, "test_top1_last": 70.4,
+                 "test_top1_best_val": 70.9, "selection": "best-val", ...}, ...}
+
+Which epoch (``select``, :mod:`gapt.paper.selection`): ``last`` (the default) reports each run's
+last-epoch test top-1, the protocol of the paper and its reference code (SPEC §6); ``best-val``
+the test top-1 at the best held-out-val epoch (a run whose val is inside its training data has
+none and shows its last epoch). The paper columns always compare with ours at the last epoch:
+under ``best-val`` a column "ours (last epoch)" sits beside them. The report's header says which.
 
 Segmentation runs have ``"benchmark": "ade20k"`` and ``metrics.mIoU`` (single-scale,
 required) and optionally ``metrics.mIoU_ms`` (multi-scale).
@@ -18,7 +25,8 @@ method key (:func:`gapt.paper.published.method_key`, e.g. ``gated+temperature``)
 run's settings (:data:`SETTING_KEYS`: gate type and Gumbel temperature, prompt count, gate init,
 lr, weight decay, batch size, epochs, dropout, pooling, precision, final or trial). Runs with
 4 and 100 prompts, or two backbone sizes, are never averaged; every row shows the settings it
-stands for. Sweep trials (``"final": false``) are left out unless ``include_trials=True``.
+stands for. Sweep trials (runs in a sweep's ``trials/`` folder: :func:`collect.is_sweep_trial`) are
+left out unless ``include_trials=True``; plain ``gapt train`` runs are reported, final or not.
 
 Per task: mean over seeds, sample standard deviation (ddof=1; shown as "-" in Markdown
 and left empty in CSV when there is one seed), the number of seeds and the seeds.

@@ -12,6 +12,7 @@ from ..paper.published import ADE20K_METRICS, FGVC_TASKS, VTAB_TASKS
 from ..paper.published import method_key as _method_key
 
 RESULTS_FILE = "results.json"
+TRIALS_DIR = "trials"  # gapt sweep's folder of trials: <out>/trials/<name>/ (finals: <out>/final/seed<S>/)
 MISSING = "—"  # shown in Markdown for a missing value (CSV leaves the cell empty)
 
 REQUIRED_KEYS = ("backbone", "method", "learn_temperature", "prompt_init", "benchmark",
@@ -21,11 +22,20 @@ REQUIRED_KEYS = ("backbone", "method", "learn_temperature", "prompt_init", "benc
 CSV_FIELDS = ("section", "benchmark", "backbone", "method", "group", "name", "metric",
               "mean", "std", "n_seeds", "seeds", "num_prompts", "final",
               "paper", "diff", "present", "mean_over_present",
-              "gate_type", "settings", "paper_table", "total_params", "paper_total_params")
+              "gate_type", "settings", "paper_table", "total_params", "paper_total_params",
+              "select", "mean_last_epoch")
 
 # What a run was, besides its seed: runs pool into one row only when all of these agree.
 SETTING_KEYS = ("num_prompts", "gate_type", "gate_temperature", "gate_init", "lr", "weight_decay", "batch_size",
                 "epochs", "iterations", "prompt_dropout", "pooling", "precision", "tf32", "final")
+# Settings of one method part, kept apart only in runs of that part (a method name in the '+' composition, or
+# the prompt init): two LoRA ranks or two Fourier fractions are never pooled.
+PART_SETTING_KEYS = {"lora": ("lora_rank", "lora_alpha", "lora_targets"),
+                     "adaptformer": ("adapter_dim", "adapter_scale"),
+                     "vfpt": ("fourier_fraction",),
+                     "e2vpt": ("kv_prompts", "e2vpt_masks", "e2vpt_masked_tokens", "e2vpt_masked_pieces"),
+                     "da-vpt": ("davpt_proxy_len", "davpt_patch_weight", "davpt_cls_weight"),
+                     "spt": ("spt_images",), "vipamin": ("vipamin_k", "vipamin_lambda")}
 # Settings the paper picks per task (Table 5): a benchmark mean may combine tasks that differ in them.
 PER_TASK_KEYS = {"fgvc": ("lr", "gate_init", "batch_size", "weight_decay"),
                  "vtab": ("lr", "gate_init", "batch_size", "weight_decay", "num_prompts")}
@@ -136,11 +146,21 @@ def collect_runs(paths: Union[str, Path, Iterable[Union[str, Path]]]) -> List[Di
     return [load_run(f) for f in files]
 
 
+def is_sweep_trial(run: Dict[str, Any]) -> bool:
+    """A run a sweep made in its ``trials/`` folder (``<sweep out>/trials/<name>/``, not final). A plain
+    ``gapt train`` run is no trial, whatever its ``final`` says (``data.final=false`` is every run's default)."""
+    run_dir = run.get("run_dir")
+    return bool(run_dir) and Path(run_dir).parent.name == TRIALS_DIR and run.get("final") is not True
+
+
 # ----------------------------------------------------------------------------- report
 
 def run_settings(run: Dict[str, Any]) -> Tuple[Tuple[str, Any], ...]:
-    """The settings a run stands for (:data:`SETTING_KEYS` that apply to its method; absent keys left out)."""
+    """The settings a run stands for (:data:`SETTING_KEYS` that apply to its method; absent keys left out),
+    plus ``("trial", True)`` for a sweep trial (never pooled with plain runs of the same settings)."""
     out = []
+    if is_sweep_trial(run):
+        out.append(("trial", True))
     for key in SETTING_KEYS:
         value = run.get(key, True if key == "final" else None)
         if key == "gate_type" and run["method"] == "gated" and value is None:
@@ -151,21 +171,28 @@ def run_settings(run: Dict[str, Any]) -> Tuple[Tuple[str, Any], ...]:
             continue
         if value is not None:
             out.append((key, value))
+    parts = set(str(run["method"]).split("+")) | {run.get("prompt_init", "random")}
+    for part in sorted(parts & set(PART_SETTING_KEYS)):
+        out += [(key, run[key]) for key in PART_SETTING_KEYS[part] if run.get(key) not in (None, "", [])]
     return tuple(out)
 
 
 def settings_text(settings: Sequence[Tuple[str, Any]]) -> str:
     """``np=100 gate=hard t=1 lr=0.1 ... fp32 final`` (what a row stands for, in one cell)."""
     parts = []
+    trial = dict(settings).get("trial", False)
     for key, value in settings:
+        if key == "trial":
+            continue
         if key == "final":
-            parts.append("final" if value else "trial")
+            parts.append("final" if value else "trial" if trial else "data.final=false")
         elif key == "precision":
             parts.append(str(value))
         elif key == "tf32":
             parts.append("tf32" if value else "no-tf32")
         else:
-            parts.append(f"{_SHORT[key]}={value:g}" if isinstance(value, float) else f"{_SHORT[key]}={value}")
+            short = _SHORT.get(key, key)
+            parts.append(f"{short}={value:g}" if isinstance(value, float) else f"{short}={value}")
     return " ".join(parts)
 
 

@@ -5,6 +5,7 @@ import csv as _csv
 import io
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..paper.selection import describe
 from .collect import _SUMMARY_LABELS, CSV_FIELDS, MISSING, _benchmark_sort_key
 
 
@@ -48,6 +49,7 @@ _COL = {
     "column": ("summary", _fmt_name),
     "metric": ("metric", lambda r: r["metric"]),
     "ours": ("ours", lambda r: _fmt(r["mean"])),
+    "last": ("ours (last epoch)", lambda r: _fmt(r.get("mean_last_epoch"))),
     "std": ("std", _fmt_std),
     "n": ("n", lambda r: str(r["n_seeds"])),
     "seeds": ("seeds", lambda r: r["seeds"] or MISSING),
@@ -55,6 +57,7 @@ _COL = {
     "prompts": ("prompts", lambda r: r["num_prompts"] or MISSING),
     "paper": ("paper", lambda r: _fmt(r["paper"])),
     "diff": ("diff", lambda r: _fmt(r["diff"], signed=True)),
+    "diff_last": ("diff (last epoch − paper)", lambda r: _fmt(r["diff"], signed=True)),
     "present": ("tasks present", lambda r: r["present"]),
     "partial": ("mean over present k/N (not comparable)", lambda r: _fmt(r["mean_over_present"])),
     "settings": ("settings", lambda r: r["settings"] or MISSING),
@@ -79,11 +82,26 @@ _SUMMARY_COLS = ("backbone", "method", "column", "ours", "paper", "diff", "prese
                  "params")
 
 
-def _md_section(title: str, rows: List[Dict[str, Any]], cols: Sequence[str]) -> List[str]:
+def _with_select(cols: Sequence[str], select: str) -> List[str]:
+    """Under --select best-val, "ours" is the best-val epoch's and the paper columns sit beside a column of
+    ours at the last epoch (the paper's protocol): both are named, never mixed."""
+    if select == "last" or "paper" not in cols:
+        return list(cols)
+    out = []
+    for c in cols:
+        out += ["last", "paper"] if c == "paper" else ["diff_last"] if c == "diff" else [c]
+    return out
+
+
+def _md_section(title: str, rows: List[Dict[str, Any]], cols: Sequence[str], select: str = "last") -> List[str]:
     lines = [f"## {title}", ""]
     if not rows:
         return lines + ["(none)", ""]
-    lines.append("| " + " | ".join(_COL[c][0] for c in cols) + " |")
+    names = {}
+    if any(r["metric"] == "test_top1" for r in rows):  # segmentation: mIoU of the last iteration, no choice
+        cols = _with_select(cols, select)
+        names = {"ours": "ours (last epoch)" if select == "last" else "ours (best-val epoch)"}
+    lines.append("| " + " | ".join(names.get(c, _COL[c][0]) for c in cols) + " |")
     lines.append("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
         lines.append("| " + " | ".join(_COL[c][1](r).replace("|", "\\|") for c in cols) + " |")
@@ -105,12 +123,16 @@ def report_markdown(report) -> str:
     which = "final runs and sweep trials" if not report.only_final else "final runs" + (
         f" ({report.trials_left_out} sweep trial(s) left out; --include-trials shows them)"
         if report.trials_left_out else "")
+    select = getattr(report, "select", "last")
     out.append(f"{report.num_runs} runs, {which}. A row pools only runs that differ in seed alone; "
-               f"\"settings\" says what they are. Numbers are test top-1 % (ADE20K: mIoU %); "
+               f"\"settings\" says what they are. Numbers are {describe(select)} (ADE20K: mIoU % of the last "
+               f"iteration); "
                f"ours = mean over seeds, std = sample std over seeds (ddof=1; \"-\" when there is one seed), "
                f"n = number of seeds. "
                f"\"{MISSING}\" marks a missing task, and any mean that needs it is missing too. "
-               f"diff = ours − paper.")
+               + ("diff = ours − paper." if select == "last" else
+                  "the paper columns compare the paper with ours (last epoch), the protocol the paper used: "
+                  "diff = ours (last epoch) − paper."))
     out.append("")
     for note in report.notes:
         out.append(f"> note: {note}")
@@ -121,11 +143,11 @@ def report_markdown(report) -> str:
         tasks = [r for r in report.task_rows if r["benchmark"] == b]
         sums = [r for r in report.summary_rows if r["benchmark"] == b]
         if b == "fgvc":
-            out += _md_section("FGVC — per dataset", tasks, _TASK_COLS_PAPER)
-            out += _md_section("FGVC — mean over the 5 datasets", sums, _SUMMARY_COLS)
+            out += _md_section("FGVC — per dataset", tasks, _TASK_COLS_PAPER, select)
+            out += _md_section("FGVC — mean over the 5 datasets", sums, _SUMMARY_COLS, select)
         elif b == "vtab":
             out += _md_section("VTAB-1k — per task", tasks, _TASK_COLS_GROUP)
-            out += _md_section("VTAB-1k — group means and 19-task mean", sums, _SUMMARY_COLS)
+            out += _md_section("VTAB-1k — group means and 19-task mean", sums, _SUMMARY_COLS, select)
         elif b == "ade20k":
             out += _md_section("ADE20K — mIoU (single-scale) and mIoU_ms (multi-scale)",
                                tasks, _TASK_COLS_SEG)

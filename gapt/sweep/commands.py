@@ -106,8 +106,12 @@ def add_commands(subparsers) -> None:
     s.add_argument("items", nargs="*", metavar="[fgvc|vtab] KEY=VALUE",
                    help="overrides; KEY=a,b,c sweeps KEY. A first word fgvc or vtab sweeps a whole benchmark")
     s.add_argument("--config", help="YAML config file, or a packaged preset by name (e.g. vtab/mae_vitb16/dtd; see `gapt presets`)")
-    s.add_argument("--grid", default="spec", choices=["spec", "vpt", "none"],
-                   help="preset grid: spec (lr, SPEC §6; default), vpt (lr x weight decay), none")
+    s.add_argument("--grid", default="spec",
+                   choices=["spec", "vpt", "vipamin", "spt", "davpt", "adamw", "vfpt", "e2vpt", "none"],
+                   help="preset grid: spec (lr, SPEC §6; default), vpt (lr x weight decay), "
+                        "vipamin (lr x (k, lambda), SPEC §12.2), spt (AdamW lr), davpt (DA-VPT's AdamW lrs, "
+                        "1e-4..1e-2), adamw (those and 5e-2), vfpt / e2vpt (VPT's lr x wd grid at batch / 256 = 64 / 256, "
+                        "128 / 256, SPEC §12.3-12.4), none")
     s.add_argument("--seeds", type=int, default=3, help="final runs: seeds train.seed + 0..N-1 (0: no finals)")
     s.add_argument("--workers", type=int, default=None,
                    help="runs at once: default one per GPU, else 1; 0 runs inline in this process")

@@ -18,16 +18,35 @@ from .. import config as C
 SPEC_LR = ["0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0"]
 VPT_LR = ["50", "25", "10", "5", "2.5", "1", "0.5", "0.25", "0.1", "0.05"]
 VPT_WD = ["0.01", "0.001", "0.0001", "0"]
+# VIPAMIN's (SPEC §12.2(d), run_indiv.sh): base lr {0.05 .. 5.0} x 32 / 256 (its batch 32) x the 9 pairs (k, lambda)
+# {2, 8, 32, 128} x {0, 0.5} + (2, 1), lambda outer as its loop. At lambda = 1 the prompt is the orthogonal part
+# alone and k is unused: grid_points keeps that point for the first k only (UNUSED_WHEN).
+VIPAMIN_LR = ["0.00625", "0.0125", "0.03125", "0.0625", "0.125", "0.3125", "0.625"]
+# SPT publishes no grid (per-task recipes unreleased): gapt's AdamW lrs spanning its README's 1e-3 (MoCo) .. 5e-2 (MAE).
+SPT_LR = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05"]
+# DA-VPT (SPEC §12.5(d)): the AdamW lrs of its released configs (1e-4 .. 1e-2); "adamw" adds 5e-2 (SSF's top).
+DAVPT_LR = ["0.0001", "0.0005", "0.001", "0.005", "0.01"]
 GRIDS: Dict[str, Dict[str, List[str]]] = {
     "spec": {"train.lr": SPEC_LR},
     "vpt": {"train.lr": VPT_LR, "train.weight_decay": VPT_WD},
+    "vipamin": {"train.lr": VIPAMIN_LR, "vipamin_lambda": ["0", "0.5", "1"], "vipamin_k": ["2", "8", "32", "128"]},
+    "spt": {"train.lr": SPT_LR},
+    "davpt": {"train.lr": DAVPT_LR},
+    "adamw": {"train.lr": DAVPT_LR + ["0.05"]},
+    # VFPT's tune_vtab.py / E2VPT's tune_vtab_PruningRewind_CVK.py: VPT's lrs x batch / 256 at their VTAB-1k
+    # batch (VFPT 64, E2VPT 128), x VPT's weight decays (FGVC batches: the presets' own train.lr lists)
+    "vfpt": {"train.lr": [f"{float(lr) * 64 / 256:g}" for lr in VPT_LR], "train.weight_decay": VPT_WD},
+    "e2vpt": {"train.lr": [f"{float(lr) * 128 / 256:g}" for lr in VPT_LR], "train.weight_decay": VPT_WD},
     "none": {},
 }
+# key: (other key, value): a point where the other key has that value does not read the key, so only its
+# first value in the grid is kept (the others would repeat that run).
+UNUSED_WHEN = {"vipamin_k": ("vipamin_lambda", 1.0)}
 
 # Short names for folder names: lr0.5_wd0, np10, gi5; other keys are spelled out (method-gated).
 ALIASES = {"train.lr": "lr", "train.weight_decay": "wd", "num_prompts": "np", "gate_init": "gi",
            "train.epochs": "ep", "train.batch_size": "bs", "insert_at_block": "at", "train.seed": "seed",
-           "prompt_dropout": "pd"}
+           "prompt_dropout": "pd", "vipamin_k": "k", "vipamin_lambda": "lam"}
 
 # Keys the sweep sets itself.
 RESERVED_KEYS = {"out": "out is the sweep's folder (trials under out/trials, finals under out/final)",
@@ -123,9 +142,12 @@ def build_grid(grid: str, fixed: Sequence[str], swept: Dict[str, List[str]]) -> 
 
 
 def grid_points(grid: Dict[str, List[str]]) -> List[Dict[str, str]]:
-    """Cartesian product in grid order (the last key varies fastest)."""
+    """Cartesian product in grid order (the last key varies fastest), without points that repeat a run (UNUSED_WHEN)."""
     keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    points = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    return [p for p in points if not any(key in p and other in p and p[key] != grid[key][0]
+                                         and _yaml_value(p[other]) == value
+                                         for key, (other, value) in UNUSED_WHEN.items())]
 
 
 def _safe(text: str) -> str:

@@ -120,7 +120,8 @@ def run_numbers(folder: Path, finished: bool = True) -> Dict[str, Any]:
         m = res.get("metrics", {})
         return {"val_top1": m.get("val_top1_best"), "test_top1": m.get("test_top1"),
                 "test_top1_last": m.get("test_top1_last"), "best_epoch": m.get("best_epoch"),
-                "epochs_run": res.get("epochs"), "final": res.get("final"), "train_time_s": res.get("train_time_s")}
+                "epochs_run": res.get("epochs"), "final": res.get("final"), "train_time_s": res.get("train_time_s"),
+                "reused_from": res.get("reused_from")}
     vals, epochs = [], 0
     path = folder / METRICS
     if path.exists():

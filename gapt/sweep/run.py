@@ -7,7 +7,10 @@
     trials/<name>/      one ordinary run folder per grid point (data.final=false), plus
                         trial.yaml (the config it runs), train.log (worker output) and, after a
                         failure, error.json; after an ASHA stop, stopped.json
-    final/seed<S>/      one ordinary run folder per seed of the chosen point (data.final=true)
+    final/seed<S>/      one ordinary run folder per seed of the chosen point (data.final=true); on
+                        FGVC the seed of the chosen trial is that trial itself (same split, seed and
+                        settings): copied from it, not trained again (:mod:`.reuse`; results.json
+                        and sweep.json's final record say ``reused_from``)
 
 A ``KEY=a,b,c`` override is swept, a ``KEY=a`` override is fixed; the grid is the cartesian
 product of the swept keys, after the preset grid (``spec``: SPEC §6's learning rates, ``vpt``:
@@ -59,6 +62,7 @@ from .jobs import (
     read_error,
     run_numbers,
 )
+from .reuse import reuse_chosen_trial
 
 log = logging.getLogger("gapt.sweep")
 
@@ -185,8 +189,8 @@ class _Progress:
             _write_json(self.out / SWEEP_FILE, self.state)
 
 
-def _summary(finals: List[Dict[str, Any]]) -> Dict[str, Any]:
-    values = [f["test_top1"] for f in finals if f.get("status") == "done" and f.get("test_top1") is not None]
+def _summary(finals: List[Dict[str, Any]], key: str = "test_top1") -> Dict[str, Any]:
+    values = [f[key] for f in finals if f.get("status") == "done" and f.get(key) is not None]
     return {"mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else None,  # sample std (ddof=1), as gapt report
             "n": len(values), "values": values}
@@ -229,7 +233,7 @@ def run_sweep(config: Optional[str], overrides: Sequence[str] = (), *, grid: str
         "grid": {k: [_yaml_value(v) for v in vs] for k, vs in plan.grid.items()}, "grid_preset": grid,
         "metric": "metrics.val_top1_best", "seeds": seeds, "backend": getattr(executor, "name", type(executor).__name__),
         "early_stop": "asha" if early else None, "started": _dt.datetime.now().isoformat(timespec="seconds"),
-        "trials": [], "choice": None, "finals": [], "final_test_top1": None,
+        "trials": [], "choice": None, "finals": [], "final_test_top1": None, "final_test_top1_last": None,
     }
     progress = _Progress(state, out)
     progress.end_hook = on_run_end
@@ -263,13 +267,15 @@ def run_sweep(config: Optional[str], overrides: Sequence[str] = (), *, grid: str
         finals = _final_jobs(plan, chosen, seeds)
         for job in finals:
             check_same_run(job)
+            reuse_chosen_trial(job, chosen, out)  # FGVC: the final at the trial's seed is the trial
         pending = _classify(finals, progress, retry_failed)
         state["finals"] = [progress.records[("final", j.name)] for j in finals]
         progress.write()
         _run(executor, pending, progress, False)
         state["finals"] = [progress.records[("final", j.name)] for j in finals]
         _check_complete(finals, progress, state, out)
-        state["final_test_top1"] = _summary(state["finals"])
+        state["final_test_top1"] = _summary(state["finals"])  # each run's own number (best-val with held-out val)
+        state["final_test_top1_last"] = _summary(state["finals"], "test_top1_last")  # the paper's protocol
         failed_finals = [f for f in state["finals"] if f["status"] != "done"]
         state["status"] = "done" if not failed_finals else "finals_failed"
         progress.write()
@@ -357,8 +363,9 @@ def print_table(state: Dict[str, Any], file=None) -> None:
         rows.append(("*" if t["name"] == chosen else "", t["name"], t.get("status", "?"), _fmt_num(t.get("val_top1")),
                      _fmt_num(t.get("test_top1")), str(t.get("epochs_run", "-")), (t.get("error") or "")[:80]))
     for f in state.get("finals", []):
+        note = f"reused from {f['reused_from']}" if f.get("reused_from") else (f.get("error") or "")[:80]
         rows.append(("", f"final/{f['name']}", f.get("status", "?"), _fmt_num(f.get("val_top1")),
-                     _fmt_num(f.get("test_top1")), str(f.get("epochs_run", "-")), (f.get("error") or "")[:80]))
+                     _fmt_num(f.get("test_top1")), str(f.get("epochs_run", "-")), note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) if i in (1, 2, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -366,4 +373,8 @@ def print_table(state: Dict[str, Any], file=None) -> None:
     s = state.get("final_test_top1") or {}
     if s.get("n"):
         std = f" +- {s['std']:.2f}" if s.get("std") is not None else ""
-        print(f"final test top-1 ({chosen}, {s['n']} seed(s)): {s['mean']:.2f}{std}", file=file)
+        last = state.get("final_test_top1_last") or {}
+        at_last = ""
+        if last.get("n"):
+            at_last = f"; last epoch {last['mean']:.2f}" + (f" +- {last['std']:.2f}" if last.get("std") is not None else "")
+        print(f"final test top-1 ({chosen}, {s['n']} seed(s)): {s['mean']:.2f}{std}{at_last}", file=file)
