@@ -357,3 +357,27 @@ def test_insertion_several_backbones_on_one_plot(tmp_path, capsys):
     assert main(["analyze", "insertion", "--backbone", "test_mae_tiny", "--lr", "0.1", "--lr", "0.2",
                  *SMALL_RUN, f"out={out}"]) == 1
     assert "--lr given 2 time(s) for 1 --backbone" in capsys.readouterr().err
+
+
+def test_attention_frozen_counterpart_strips_lora_and_reloads_bitfit(tmp_path):
+    """The 'frozen backbone' row of `gapt analyze attention` is the pretrained ViT: LoRA's update and
+    BitFit's trained biases must not leak into it (compared with a plain linear model on the same weights)."""
+    import torch
+    from types import SimpleNamespace
+    from gapt import build_model
+    from gapt.analysis.attention import _frozen_counterpart
+    images = torch.randn(2, 3, 32, 32)
+    plain = build_model("test_mae_tiny", method="linear", num_classes=3, weights=None, random_seed=0).eval()
+    cfg = SimpleNamespace(backbone="test_mae_tiny", weights=None, image_size=32, train=SimpleNamespace(seed=0))
+    for method in ("lora", "bitfit"):
+        tuned = build_model("test_mae_tiny", method=method, num_classes=3, weights=None, random_seed=0).eval()
+        with torch.no_grad():
+            for n, p in tuned.named_parameters():
+                if p.requires_grad and not n.startswith("head"):
+                    p.add_(0.5)  # a trained update that changes the attention
+            frozen = _frozen_counterpart(cfg, tuned)
+            want = [m for m in plain.attention_maps(images)]
+            got = [m for m in frozen.attention_maps(images)]
+            changed = [m for m in tuned.attention_maps(images)]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(want, got)), method
+        assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(want, changed)), method

@@ -121,8 +121,9 @@ def test_unknown_table_and_dry_run_cli(tmp_path, capsys):
     assert "table1" in capsys.readouterr().err
     assert main(["reproduce", "table4", "--dry-run", "--out", str(tmp_path / "o"), "train.epochs=3"]) == 0
     out = capsys.readouterr().out
-    # 2 swept cells (7 lrs + 1 final) + 4 cells of 1 final = 20 runs, each 3 epochs
-    assert "6 cell(s), 20 run(s), 60 epochs" in out and "precision=fp32" in out
+    # 2 swept cells (7 lrs; the seed-42 final is the chosen trial, reused) + 4 cells of 1 final = 18 runs, 3 epochs each
+    assert "6 cell(s), 18 run(s), 54 epochs" in out and "precision=fp32" in out
+    assert "reuses the chosen trial" in out
     assert not (tmp_path / "o").exists()
 
 

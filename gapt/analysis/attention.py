@@ -23,18 +23,29 @@ from .plotting import new_figure, run_labels, save_png, write_text
 
 PathLike = Union[str, Path]
 
+# Parts that change the backbone's own tensors in place: the pretrained ones must be loaded again.
+_IN_PLACE = {"full", "bitfit", "davpt-bias"}
+
+
 def _frozen_counterpart(cfg, model):
-    """The backbone without prompts or temperatures. Prompt methods share the tuned model's own
-    (frozen) backbone module, so the weights are identical by construction and nothing is loaded
-    twice; a full fine-tune changed its backbone, so the pretrained one is built from cfg.weights."""
+    """The backbone without any trained part. Prompt methods share the tuned model's own (frozen)
+    backbone module, so the weights are identical by construction and nothing is loaded twice;
+    LoRA / SSF wrappers are stripped from a copy (their frozen layers stay); full fine-tuning,
+    BitFit and DA-VPT+'s biases changed the backbone, so the pretrained one is built from cfg.weights."""
+    import copy
+
     from ..model import PromptedViT, build_model
-    if model.method == "full":
+    from ..model.parts import Wrapper, strip
+    if _IN_PLACE & set(str(model.method).split("+")):
         with warnings.catch_warnings():
             if cfg.weights is None:
                 warnings.simplefilter("ignore")
             return build_model(cfg.backbone, method="linear", weights=cfg.weights, image_size=cfg.image_size,
                                num_classes=model.num_classes, random_seed=cfg.train.seed).eval()
-    return PromptedViT(model.backbone, method="linear", num_classes=model.num_classes, pooling=model.pooling,
+    backbone = model.backbone
+    if any(isinstance(m, Wrapper) for m in backbone.modules()):
+        backbone = strip(copy.deepcopy(backbone))
+    return PromptedViT(backbone, method="linear", num_classes=model.num_classes, pooling=model.pooling,
                        backbone_name=model.backbone_name, image_size=model.image_size).eval()
 
 def _load_run_for_analysis(run_dir: PathLike):

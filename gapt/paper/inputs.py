@@ -151,13 +151,17 @@ def dry_run(plan: Plan, out: Path, data_root: Path, weights: Dict[str, str], use
             what = f"lr sweep {lrs} on val, then {seeds} final(s)"
         else:
             what = f"{seeds} final(s) at lr {cfg.train.lr}"
-        runs = len(trials) + seeds
+        # FGVC: the seed-42 final is the chosen trial itself (gapt.sweep.reuse copies it, nothing is trained)
+        reused = int(bool(trials) and cfg.data.format == "fgvc" and seeds > 0)
+        if reused:
+            what += f" (seed {cfg.train.seed} reuses the chosen trial)"
+        runs = len(trials) + seeds - reused
         done = sum(folder_state(out / spec.name / "final" / f"seed{cfg.train.seed + i}") == "done"
                    for i in range(seeds))
         unit = "iterations" if cfg.data.format == "ade20k" else "epochs"
         rows.append({"name": spec.name, "row": spec.row, "task": spec.task, "benchmark": spec.benchmark,
                      "preset": spec.preset, "overrides": over, "runs": runs, unit: _epochs(cfg), "what": what,
-                     "finals_done": done, "work": W.spec_work(spec, cfg, trials, seeds, folder),
+                     "finals_done": done, "work": W.spec_work(spec, cfg, trials, seeds - reused, folder),
                      "settings": f"np={cfg.num_prompts} gi={cfg.gate_init:g} bs={cfg.train.batch_size} "
                                  f"gate={cfg.gate_type} temp={'on' if cfg.learn_temperature else 'off'} "
                                  f"precision={cfg.train.precision}"})
