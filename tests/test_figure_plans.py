@@ -8,7 +8,7 @@ from gapt.cli import main
 
 
 def _result(backbone, method, task, value, lt=False, prompts=100, benchmark="fgvc", seed=42):
-    metrics = {"mIoU": value, "mIoU_ms": value} if benchmark == "ade20k" else {"test_top1": value}
+    metrics = {"mIoU": value, "mIoU_ms": value} if benchmark == "ade20k" else {"test_top1": value, "test_top1_last": value}
     return {"backbone": backbone, "method": method, "learn_temperature": lt, "num_prompts": prompts,
             "prompt_init": "random", "benchmark": benchmark, "task": task, "seed": seed, "final": True,
             "metrics": metrics}

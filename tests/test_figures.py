@@ -15,7 +15,8 @@ def write_run(root, name, backbone, method, task, value, seed=42, temp=False, pr
     folder = root / name
     folder.mkdir(parents=True)
     metrics = ({"mIoU": value, "mIoU_ms": value + 1.0} if benchmark == "ade20k" else
-               {"val_top1_best": value + 1, "best_epoch": 3, "test_top1": value, "test_top1_last": value - 0.5})
+               {"val_top1_best": value + 1, "best_epoch": 3, "test_top1": value + 0.5, "test_top1_last": value,
+                "selection": "best-val"})  # figures show the last epoch (as the paper): value, not value + 0.5
     (folder / "results.json").write_text(json.dumps({
         "backbone": backbone, "method": method, "learn_temperature": temp, "num_prompts": prompts,
         "prompt_init": "random", "gate_init": 5.0, "insert_at_block": 1, "benchmark": benchmark, "task": task,

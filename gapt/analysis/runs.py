@@ -14,7 +14,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 PathLike = Union[str, Path]
 
 def is_trial(run: Dict[str, Any]) -> bool:
-    return "trials" in Path(run.get("run_dir", "")).parts
+    """A sweep's trial, as `gapt report` decides it (a plain run under a folder named "trials" is none)."""
+    from ..report.collect import is_sweep_trial
+    return is_sweep_trial(run)
 
 def load_runs(paths: Iterable[PathLike], include_trials: bool = False) -> List[Dict[str, Any]]:
     """Every valid results.json under ``paths`` (see :func:`gapt.report.tables.collect_runs`), trials dropped."""
@@ -28,9 +30,14 @@ def load_runs(paths: Iterable[PathLike], include_trials: bool = False) -> List[D
     return runs
 
 def metric_of(run: Dict[str, Any], metric: Optional[str] = None) -> Optional[float]:
-    """test top-1, or mIoU for segmentation runs (``metric`` overrides)."""
+    """The last epoch's test top-1 (what the paper's figures show, as `gapt report`'s paper columns), or
+    mIoU for segmentation runs (``metric`` overrides). An old results.json that does not say its last
+    epoch's score gives None (left out of the means), never its best-val epoch's in its place."""
+    from ..paper.selection import last_epoch_top1
     from ..report.tables import primary_metrics
     name = metric or primary_metrics(run["benchmark"])[0]
+    if name == "test_top1":
+        return last_epoch_top1(run)
     v = run["metrics"].get(name)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
