@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 
 import gc
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,21 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes of tensors alive while ``fn`` runs, above what was allocated before it (CUDA: the
+    allocator's own peak; CPU: :class:`LiveTensorBytes`)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with LiveTensorBytes() as tracker:
+        fn()
+    return tracker.peak
+
+
 def resident_bytes(model) -> int:
     """Model weights and buffers, plus one gradient and one SGD momentum buffer per tuned tensor."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -92,17 +107,7 @@ def step_peak_bytes(model, batch: int, device: torch.device, amp: Optional[torch
         loss.backward()
         opt.step()
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        with LiveTensorBytes() as tracker:
-            step()
-        peak = tracker.peak
+    peak = peak_bytes(step, device)
     for p in params:
         p.grad = None
     return int(peak)

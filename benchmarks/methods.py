@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._common import Clock, Result, build, main_for, quiet, resolve_device, vit_name
-from benchmarks.memory import LiveTensorBytes
+from benchmarks.memory import peak_bytes as _peak
 
 NAME = "methods"
 MICRO, VITB = "mae_vit_micro", "mae_vitb16"
-
 
 @dataclass
 class Row:
@@ -49,7 +48,6 @@ class Row:
     trainable: bool = True
     times: Dict[str, List[float]] = field(default_factory=lambda: {"train": [], "eval": []})  # ratios to linear
     peak: Dict[str, float] = field(default_factory=dict)  # "train" (a step) and "eval" (a forward), bytes
-
 
 def build_rows(backbone: str, prompts: int, deep_prompts: int, image_size: Optional[int], device) -> List[Row]:
     """Every method on the same random backbone (seed 0), tuned tensors moved off their initial values."""
@@ -74,7 +72,6 @@ def build_rows(backbone: str, prompts: int, deep_prompts: int, image_size: Optio
             rows.append(Row(f"merged {label}", gapt.merge(source).to(device), trainable=False))
     return rows
 
-
 def _train_step(model, images, labels) -> Callable[[], None]:
     params = list(model.tuned_parameters().values())
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
@@ -86,26 +83,11 @@ def _train_step(model, images, labels) -> Callable[[], None]:
         opt.step()
     return step
 
-
 def _eval_pass(model, images) -> Callable[[], None]:
     def forward():
         with torch.inference_mode():
             model(images)
     return forward
-
-
-def _peak(fn: Callable[[], None], device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return float(torch.cuda.max_memory_allocated(device) - before)
-    with LiveTensorBytes() as tracker:
-        fn()
-    return float(tracker.peak)
-
 
 def measure(backbone: str, batch: int, repeats: int, clock: Clock, device, prompts: int, deep_prompts: int,
             image_size: Optional[int] = None) -> Tuple[List[Row], str]:
@@ -146,7 +128,6 @@ def measure(backbone: str, batch: int, repeats: int, clock: Clock, device, promp
                 by_label[label].times[kind].append(cand / base)
     return rows, vit_name(rows[0].model)
 
-
 def ratios(rows: List[Row]) -> Dict[str, Dict[str, Optional[float]]]:
     """Per row (medians of the per-pair ratios): train time / linear's and / vpt-deep's, eval images/s /
     linear's and / vpt-deep's, peak memory (trainable rows: of a training step; merged rows: of a forward) /
@@ -161,7 +142,6 @@ def ratios(rows: List[Row]) -> Dict[str, Dict[str, Optional[float]]]:
                         "memory_vs_linear": r.peak[kind] / peak["linear"][kind],
                         "memory_vs_vpt_deep": r.peak[kind] / peak["vpt-deep"][kind], "peak_bytes": r.peak[kind]}
     return out
-
 
 def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optional[Clock] = None,
         vitb16: bool = False, backbone: str = MICRO, batch: Optional[int] = None, repeats: Optional[int] = None,
@@ -186,12 +166,10 @@ def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optio
                                   r["eval_vs_linear"], detail, extra=r))
     return results
 
-
 def _args(p):
     p.add_argument("--vitb16", action="store_true", help="also the ViT-B/16 rows (slow on a CPU)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
-
 
 if __name__ == "__main__":
     main_for(run, __doc__.splitlines()[0], _args)

@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._common import Clock, Result, build, main_for, resolve_device, vit_name
-from benchmarks.memory import LiveTensorBytes
+from benchmarks.memory import peak_bytes as _peak
 
 NAME = "prompt_methods"
 MICRO, VITB = "mae_vit_micro", "mae_vitb16"
-
 
 def specs(prompts: int, kv: int) -> List[Tuple[str, dict]]:
     masked_tokens = list(range(int(prompts * 0.4)))
@@ -47,12 +46,10 @@ def specs(prompts: int, kv: int) -> List[Tuple[str, dict]]:
             ("e2vpt no masks", dict(method="e2vpt", kv_prompts=kv, e2vpt_masks="none")),
             ("e2vpt+temperature", dict(method="e2vpt", kv_prompts=kv, learn_temperature=True))]
 
-
 def _autocast(device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
 
 def _train_step(model, images, labels, device, bf16) -> Callable[[], None]:
     opt = torch.optim.SGD(list(model.tuned_parameters().values()), lr=1e-4, momentum=0.9)
@@ -65,26 +62,11 @@ def _train_step(model, images, labels, device, bf16) -> Callable[[], None]:
         opt.step()
     return step
 
-
 def _eval_pass(model, images, device, bf16) -> Callable[[], None]:
     def forward():
         with torch.inference_mode(), _autocast(device, bf16):
             model(images)
     return forward
-
-
-def _peak(fn: Callable[[], None], device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return float(torch.cuda.max_memory_allocated(device) - before)
-    with LiveTensorBytes() as tracker:
-        fn()
-    return float(tracker.peak)
-
 
 def measure(backbone: str, batch: int, repeats: int, clock: Clock, device, prompts: int, kv: int,
             bf16: bool = False) -> Tuple[Dict[str, Dict[str, float]], str]:
@@ -123,7 +105,6 @@ def measure(backbone: str, batch: int, repeats: int, clock: Clock, device, promp
                    "tuned": models[label].num_tuned()} for label in models}
     return out, vit_name(models[base])
 
-
 def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optional[Clock] = None,
         vitb16: bool = False, backbone: str = MICRO, batch: Optional[int] = None, repeats: Optional[int] = None,
         bf16: bool = False, **_) -> List[Result]:
@@ -145,13 +126,11 @@ def run(quick: bool = False, device: Optional[torch.device] = None, clock: Optio
             results.append(Result(f"{NAME}[{label}, {tag}]", r["train_vs_vpt_deep"], detail, extra=r))
     return results
 
-
 def _args(p):
     p.add_argument("--vitb16", action="store_true", help="also the ViT-B/16 rows (slow on a CPU)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-
 
 if __name__ == "__main__":
     main_for(run, __doc__.splitlines()[0], _args)

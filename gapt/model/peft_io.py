@@ -110,12 +110,5 @@ def load_peft(model, folder: str) -> None:
            for i, layer in layers.items() for ab in "AB"}
     if any(k.startswith("head.") for k in weights):
         own.update({"head.weight": model.head.weight, "head.bias": model.head.bias})
-    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    shapes = [f"{k}: adapter {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(weights)) if weights[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{folder} does not fit this model: missing {missing}, unexpected {unexpected}, "
-                              f"mis-shaped {shapes}")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(weights[k].to(p.dtype))
+    from .tuned import copy_exactly
+    copy_exactly(own, weights, str(folder), side="adapter")

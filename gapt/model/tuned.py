@@ -133,12 +133,18 @@ def _check_identity(model, held: Dict, path: str) -> None:
 
 
 def _load_tensors(model, tensors: Dict[str, torch.Tensor], path: str) -> None:
-    own = model.tuned_parameters()
+    copy_exactly(model.tuned_parameters(), tensors, path)
+
+
+def copy_exactly(own: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor], source: str,
+                 side: str = "file") -> None:
+    """Copy ``tensors`` into the parameters ``own`` when the names and shapes are exactly the same; else a
+    CheckpointError naming ``source`` and every missing, unexpected and mis-shaped name."""
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+    shapes = [f"{k}: {side} {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise CheckpointError(f"{path} does not fit this model: missing {missing}, unexpected {unexpected}, "
+        raise CheckpointError(f"{source} does not fit this model: missing {missing}, unexpected {unexpected}, "
                               f"mis-shaped {shapes}")
     with torch.no_grad():
         for k, p in own.items():
